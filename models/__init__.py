@@ -1,0 +1,1 @@
+"""Model implementations used by c3po-jax (pure functions of explicit pytrees)."""

@@ -1,0 +1,30 @@
+"""c3po-jax: test-time expert re-mixing (C3PO) for MoE LLMs in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+  name='c3po-jax',
+  version='0.1.0',
+  description='C3PO test-time expert re-mixing for Mixture-of-Experts LLMs in JAX/Flax',
+  python_requires='>=3.10',
+  packages=find_packages(include=['c3po_jax*', 'models*', 'benchmarks*']),
+  install_requires=[
+    'jax>=0.7',
+    'flax>=0.11',
+    'optax>=0.2',
+    'orbax-checkpoint>=0.11',
+    'absl-py>=2.0',
+    'numpy>=1.26',
+    'transformers>=4.45',
+    'safetensors>=0.4',
+    'tokenizers>=0.20',
+    'tqdm>=4.0',
+    'matplotlib>=3.7',
+    'pyarrow>=14',
+  ],
+  extras_require={
+    # torch==2.13.0 is a CPU build; used only by parity tests and the
+    # PyTorch baselines of the speed benchmarks.
+    'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0'],
+  },
+)
