@@ -1,0 +1,1 @@
+"""Benchmarks: task data adapters, prompt formats and speed scripts."""
