@@ -200,11 +200,12 @@ def decoder_layer(
   if cache is None:
     keys, values = k, v
   else:
-    write = query_slots[:, :, None] == jnp.arange(cache.k.shape[1])  # [B, T, S]
-    written = jnp.any(write, axis=1)[:, :, None, None]  # [B, S, 1, 1]
-    onehot = write.astype(k.dtype)
-    keys = jnp.where(written, jnp.einsum('bts,btkd->bskd', onehot, k), cache.k)
-    values = jnp.where(written, jnp.einsum('bts,btkd->bskd', onehot, v), cache.v)
+    # A scatter, not a one-hot matmul: exact at any matmul precision (TF32 and
+    # bf16 passes would round the cached keys) and O(T) rather than O(T * S).
+    # Slots outside [0, S) are dropped.
+    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
+    keys = cache.k.at[rows, query_slots].set(k.astype(cache.k.dtype), mode='drop')
+    values = cache.v.at[rows, query_slots].set(v.astype(cache.v.dtype), mode='drop')
     cache = LayerCache(k=keys, v=values)
   attn = layers.attend(q, keys, values, query_slots, key_valid)
   x = x + attn @ p['attn']['o']
@@ -231,8 +232,13 @@ def forward_hidden(
   attention_mask: jax.Array | None = None,
   pathway: Pathway | None = None,
   pathway_mode: str = 'topk',
+  pathway_index: jax.Array | None = None,
 ) -> HiddenOutput:
-  """The decoder without the LM head. tokens int32 [B, T]."""
+  """The decoder without the LM head. tokens int32 [B, T].
+
+  `pathway_index` [B] moves the overridden token away from the last real one
+  (e.g. to the last context token of a context+continuation sequence).
+  """
   _check_pathway(pathway, config, pathway_mode)
   b, t = tokens.shape
   if attention_mask is None:
@@ -240,6 +246,7 @@ def forward_hidden(
   key_valid = attention_mask.astype(bool)
   positions = positions_from_mask(attention_mask)
   last_index = last_real_index(attention_mask)
+  override_index = last_index if pathway_index is None else pathway_index
   query_slots = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
   pathway = {int(k): v for k, v in (pathway or {}).items()}
 
@@ -253,7 +260,7 @@ def forward_hidden(
       positions=positions,
       query_slots=query_slots,
       key_valid=key_valid,
-      last_index=last_index,
+      last_index=override_index,
       pathway=pathway.get(i),
       pathway_mode=pathway_mode,
     )
@@ -287,6 +294,7 @@ def forward(
   attention_mask: jax.Array | None = None,
   pathway: Pathway | None = None,
   pathway_mode: str = 'topk',
+  pathway_index: jax.Array | None = None,
 ) -> ForwardOutput:
   """Full model. tokens int32 [B, T] -> ForwardOutput (logits [B, T, V])."""
   out = forward_hidden(
@@ -296,6 +304,7 @@ def forward(
     attention_mask=attention_mask,
     pathway=pathway,
     pathway_mode=pathway_mode,
+    pathway_index=pathway_index,
   )
   return ForwardOutput(
     hidden=out.hidden,
