@@ -81,7 +81,9 @@ class Example:
     if not 0 <= self.gold < len(choices):
       raise ValueError(f'gold {self.gold} out of range for {len(choices)} choices')
     if self.choice_labels is not None:
-      labels = tuple(self.choice_labels)
+      if isinstance(self.choice_labels, str):
+        raise ValueError('choice_labels must be a list of strings, got a string')
+      labels = tuple(str(x) for x in self.choice_labels)
       object.__setattr__(self, 'choice_labels', labels)
       if len(labels) != len(choices):
         raise ValueError(f'{len(labels)} choice labels for {len(choices)} choices')
