@@ -34,13 +34,29 @@ class EngineConfig:
   eval_pathway_mode: str = 'topk'  # how the final pathway is evaluated
 
 
-def naive_loss(params, config: OlmoeConfig, ec: EngineConfig):
+class NaiveLoss:
   """Neighbour loss by full forward passes of every neighbour prompt.
 
   The reference implementation: each call re-runs all neighbours' sequences
   with the candidate pathway injected at their last context token.
+
+  A loss backend has two parts: `prepare(params, config, ec, data)` turns a
+  neighbour ChoiceBatch [N, ...] into whatever the loss needs (run once per
+  sample, outside the optimization; here the batch itself), and
+  `make_loss(params, config, ec)` returns loss_fn(q, cs, prepared, weights).
   """
 
+  @staticmethod
+  def prepare(params, config, ec, data: scoring.ChoiceBatch):
+    del params, config, ec
+    return data
+
+  @staticmethod
+  def make_loss(params, config: OlmoeConfig, ec: EngineConfig):
+    return _naive_loss_fn(params, config, ec)
+
+
+def _naive_loss_fn(params, config: OlmoeConfig, ec: EngineConfig):
   def loss_fn(q, cs, data: scoring.ChoiceBatch, weights):
     pathway = pw_lib.to_pathway(q, cs, ec.spec)
     n = data.size
@@ -62,7 +78,7 @@ def _core_slices(base_probs, spec):
 class Engine:
   """Batched C3PO on one model. All public methods take params first."""
 
-  def __init__(self, config: OlmoeConfig, ec: EngineConfig, loss_backend=naive_loss):
+  def __init__(self, config: OlmoeConfig, ec: EngineConfig, loss_backend=NaiveLoss):
     if ec.loss not in LOSS_KINDS:
       raise ValueError(f'loss={ec.loss!r}, expected one of {LOSS_KINDS}')
     self.config = config
@@ -70,6 +86,7 @@ class Engine:
     self._loss_backend = loss_backend
     self.analyze = jax.jit(functools.partial(scoring.analyze, config=config))
     self.analyze_remixed = jax.jit(self._analyze_remixed)
+    self.prepare = jax.jit(self._prepare)
     self.ngd = jax.jit(self._ngd)
     self.kernel_regression = jax.jit(self._kernel_regression)
     self.mode_finding = jax.jit(self._mode_finding)
@@ -91,15 +108,20 @@ class Engine:
       params, batch, config=self.config, pathway=pathway, pathway_mode=self.ec.eval_pathway_mode
     )
 
+  def _prepare(self, params, data):
+    """Per-sample neighbour batches [Q, N, ...] -> the loss backend's state."""
+    fn = lambda d: self._loss_backend.prepare(params, self.config, self.ec, d)
+    return jax.vmap(fn)(data)
+
   def _ngd(self, params, cs, data, weights):
-    """data: per-sample neighbour batches stacked [Q, N, ...]; weights [Q, N]."""
-    loss_fn = self._loss_backend(params, self.config, self.ec)
+    """data: `prepare`d neighbour state, [Q, N, ...]; weights [Q, N]."""
+    loss_fn = self._loss_backend.make_loss(params, self.config, self.ec)
     q0 = jax.vmap(pw_lib.base_q)(cs)
     fn = lambda c, d, w, q: methods.ngd(loss_fn, c, d, w, q, self.ec.method)
     return jax.vmap(fn)(cs, data, weights, q0)
 
   def _kernel_regression(self, params, cs, data, weights, q_neighbours):
-    loss_fn = self._loss_backend(params, self.config, self.ec)
+    loss_fn = self._loss_backend.make_loss(params, self.config, self.ec)
     q0 = jax.vmap(pw_lib.base_q)(cs)
     fn = lambda c, d, w, q, qn: methods.kernel_regression(loss_fn, c, d, w, q, qn, self.ec.method)
     return jax.vmap(fn)(cs, data, weights, q0, q_neighbours)

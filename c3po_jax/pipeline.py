@@ -295,7 +295,7 @@ def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights
     valid = jnp.ones((len(refs),), bool)
     trace = eng.mode_finding(cs, jnp.asarray(refs.router_probs), valid)
   elif method == 'oracle':
-    data = jax.tree.map(lambda x: x[:, None], test_batch)  # [Q, 1, ...]
+    data = eng.prepare(params, jax.tree.map(lambda x: x[:, None], test_batch))  # [Q, 1, ...]
     trace = eng.ngd(params, cs, data, jnp.ones((bs, 1), jnp.float32))
   else:
     k = nbh.index.shape[1]
@@ -309,6 +309,7 @@ def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights
       nb_w.append(np.where(valid, weights[i], 0.0))
     flat = make_batch(nb_prompts, num_choices=runner.num_choices, max_len=runner.rc.max_len)
     data = jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat)
+    data = eng.prepare(params, data)
     w = jnp.asarray(np.stack(nb_w), jnp.float32)
     if method == 'ngd':
       trace = eng.ngd(params, cs, data, w)
