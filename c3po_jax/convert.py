@@ -4,7 +4,7 @@
       [--dtype=bfloat16|float32] [--overwrite]
 
 Streams the safetensors shards one tensor at a time into a parameter tree
-pre-allocated in the target dtype (`checkpoint.read_hf_checkpoint`), then
+pre-allocated in the target dtype (`hf_snapshot.read_hf_checkpoint`), then
 writes it with `checkpoint.save_checkpoint`, copying the tokenizer files found
 next to the weights. Host memory peaks at `conversion_peak_bytes`.
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from c3po_jax import checkpoint
+from c3po_jax import checkpoint, hf_snapshot
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 
@@ -59,7 +59,8 @@ def conversion_peak_terms(config: OlmoeConfig, dtype, source_dtype='float32') ->
   `gate_up_proj` [E, 2F, D]). relayout: the layout hook's transposed copy of
   that tensor (numpy casts into the pre-allocated leaf in place, without a
   full temporary). orbax: 0, because `save_checkpoint` turns off Orbax's
-  deep copy and the compression buffers (measured; see `_orbax_save`).
+  deep copy and the compression buffers (measured; see
+  `checkpoint._orbax_save`).
   """
   structs = transformer.param_structs(config, jnp.dtype(dtype))
   tree = sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(structs))
@@ -88,7 +89,7 @@ def convert(
       f'{output_dir} already exists; pass overwrite=True (--overwrite)'
     )
   dtype = jnp.dtype(dtype)
-  config = checkpoint.read_config(hf_dir)
+  config = hf_snapshot.read_config(hf_dir)
   terms = conversion_peak_terms(config, dtype)
   logging.info(
     'Converting %s to %s (%s); peak host memory <= %.2f GiB (%s).',
@@ -98,7 +99,7 @@ def convert(
     sum(terms.values()) / _GIB,
     ', '.join(f'{k} {v / _GIB:.2f}' for k, v in terms.items()),
   )
-  hf = checkpoint.read_hf_checkpoint(hf_dir, dtype)
+  hf = hf_snapshot.read_hf_checkpoint(hf_dir, dtype)
   logging.info('Placed %d HF tensors (skipped %s).', len(hf.consumed), list(hf.skipped))
   extra = [os.path.join(hf_dir, f) for f in TOKENIZER_FILES]
   extra = [p for p in extra if os.path.isfile(p)]

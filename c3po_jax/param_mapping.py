@@ -35,8 +35,9 @@ class Target:
   """Where one HF tensor goes.
 
   path: key path into our tree. expert: index on the leading expert axis for
-  per-expert tensors (None: the whole leaf). half: for HF's fused
-  `gate_up_proj`, which half of dim 1 (0 gate, 1 up); None otherwise.
+  per-expert tensors (None: the whole leaf). split: for HF's fused
+  `gate_up_proj` [E, 2F, D], the paths of its two halves along dim 1 (gate
+  first, then up); None otherwise.
   """
 
   path: tuple[str, ...]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from hf_utils import hf_tensor_shapes, make_hf_model, save_hf_model
 
-from c3po_jax import checkpoint, convert, param_mapping
+from c3po_jax import checkpoint, convert, hf_snapshot, param_mapping
 from models.olmoe import transformer
 from models.olmoe.config import OLMOE_1B_7B_0924
 
@@ -52,7 +52,7 @@ def _copy(src: str, dst) -> str:
 
 
 def _shard_of(hf: str, name: str) -> str:
-  with open(os.path.join(hf, checkpoint.SAFETENSORS_INDEX)) as f:
+  with open(os.path.join(hf, hf_snapshot.SAFETENSORS_INDEX)) as f:
     return os.path.join(hf, json.load(f)['weight_map'][name])
 
 
@@ -77,7 +77,7 @@ def _edit_config(hf: str, **changes) -> None:
 
 def _remove_weights(hf: str) -> None:
   for name in os.listdir(hf):
-    if name.endswith('.safetensors') or name == checkpoint.SAFETENSORS_INDEX:
+    if name.endswith('.safetensors') or name == hf_snapshot.SAFETENSORS_INDEX:
       os.remove(os.path.join(hf, name))
 
 
@@ -221,6 +221,12 @@ def _rm_data(ckpt: str) -> None:
         os.remove(os.path.join(root, name))
 
 
+def _truncate_largest_param_file(ckpt: str) -> None:
+  files = [os.path.join(r, f) for r, _, fs in os.walk(f'{ckpt}/params') for f in fs]
+  largest = max(files, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+
+
 def _edit_meta(ckpt: str, **changes) -> None:
   path = os.path.join(ckpt, checkpoint.METADATA_FILE)
   with open(path) as f:
@@ -233,13 +239,16 @@ def _edit_meta(ckpt: str, **changes) -> None:
 BAD_CHECKPOINTS = {
   'no_metadata': (lambda c: os.remove(f'{c}/{checkpoint.METADATA_FILE}'), 'incomplete'),
   'wrong_version': (lambda c: _edit_meta(c, format_version=99), 'version 99'),
-  'no_params': (lambda c: shutil.rmtree(f'{c}/params'), 'cannot restore'),
-  'no_param_data': (_rm_data, 'cannot restore'),
+  'no_params': (lambda c: shutil.rmtree(f'{c}/params'), 'cannot read parameters'),
+  'no_param_data': (_rm_data, 'cannot read parameters'),
+  'truncated_param_data': (_truncate_largest_param_file, 'cannot read parameters'),
   'config_mismatch': (lambda c: _edit_config(c, num_hidden_layers=4), 'does not match'),
   'no_config': (lambda c: os.remove(f'{c}/config.json'), 'no config.json'),
 }
 
 
+# A failed tensorstore read may call back into Orbax's event loop after it closed.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('case', list(BAD_CHECKPOINTS))
 def test_corrupt_converted_checkpoint_raises(good_ckpt, tmp_path, case):
   mutate, pattern = BAD_CHECKPOINTS[case]
@@ -252,7 +261,7 @@ def test_corrupt_converted_checkpoint_raises(good_ckpt, tmp_path, case):
 def test_converted_layout_and_roundtrip(good_ckpt, tmp_path):
   assert sorted(os.listdir(good_ckpt)) == sorted(
     [
-      checkpoint.CONFIG_FILE,
+      hf_snapshot.CONFIG_FILE,
       checkpoint.METADATA_FILE,
       checkpoint.PARAMS_DIR,
       'generation_config.json',
@@ -295,7 +304,7 @@ def test_safetensors_reader_matches_torch(tmp_path):
     'empty': torch.zeros(0, 3),
   }
   save_file(tensors, path, metadata={'format': 'pt'})
-  got = dict(checkpoint.iter_safetensors(path))
+  got = dict(hf_snapshot.iter_safetensors(path))
   want = load_file(path)
   assert sorted(got) == sorted(want)
   assert got['w'].dtype == jnp.bfloat16

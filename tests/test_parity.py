@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hf_utils import hf_reference, make_hf_model, padded_batch, save_hf_model
 
-from c3po_jax import checkpoint, convert
+from c3po_jax import checkpoint, convert, hf_snapshot
 from models.olmoe import transformer
 
 TOL = 1e-4  # float32 vs PyTorch float32
@@ -97,7 +97,7 @@ def test_logits_and_router_probs_match_transformers(converted, name, padding):
 @pytest.mark.parametrize('name', list(CONFIGS))
 def test_every_hf_tensor_consumed_exactly_once(converted, name):
   model, hf_dir, result, config, _ = converted(name)
-  with open(os.path.join(hf_dir, checkpoint.SAFETENSORS_INDEX)) as f:
+  with open(os.path.join(hf_dir, hf_snapshot.SAFETENSORS_INDEX)) as f:
     written = set(json.load(f)['weight_map'])
   assert len(result.consumed) == len(set(result.consumed))
   assert set(result.consumed) | set(result.skipped) == written
@@ -125,13 +125,13 @@ def test_load_hf_snapshot_directly_tied_with_lm_head(converted, tmp_path):
   model, hf_dir, _, want_config, want_params = converted('gqa_tied_normtopk')
   single = str(tmp_path / 'single')
   model.save_pretrained(single)  # one model.safetensors
-  path = os.path.join(single, checkpoint.SAFETENSORS_FILE)
+  path = os.path.join(single, hf_snapshot.SAFETENSORS_FILE)
   tensors = load_file(path)
   assert 'lm_head.weight' not in tensors
   tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']
   save_file(tensors, path)
 
-  hf = checkpoint.read_hf_checkpoint(single)
+  hf = hf_snapshot.read_hf_checkpoint(single)
   assert hf.skipped == ('lm_head.weight',)
   config, params = checkpoint.load_checkpoint(single)
   assert config == want_config
