@@ -129,7 +129,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  result = convert(f.hf_dir, f.output_dir, dtype=f.dtype, overwrite=f.overwrite)
+  try:
+    result = convert(f.hf_dir, f.output_dir, dtype=f.dtype, overwrite=f.overwrite)
+  except ValueError as e:  # CheckpointError, ConversionError, ConfigError: say what, no trace.
+    raise SystemExit(f'error: {e}') from None
   logging.info('Wrote %s: %d tensors.', result.output_dir, len(result.consumed))
 
 

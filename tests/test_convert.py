@@ -363,3 +363,6 @@ def test_cli(hf_dir, tmp_path):
   assert b'peak host memory' in run.stderr
   _, params = checkpoint.load_checkpoint(out)
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True)
+  assert again.returncode == 1
+  assert again.stderr.decode().strip().endswith('already exists; pass overwrite=True (--overwrite)')
