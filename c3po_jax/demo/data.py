@@ -1,0 +1,108 @@
+"""Language-model batches of the demo suite's training text.
+
+A document is `text + target + EOS`, tokenized as text and target separately
+(so the answer letter is exactly the token the scorer reads after 'Answer:').
+Every next-token prediction is a loss term of weight 1, the answer letter's of
+weight `answer_weight`. Documents are right-padded into a few length buckets;
+a batch holds one bucket, [B, T] with B * T about `batch_tokens`, so the train
+step compiles once per bucket.
+
+Dimensions: N documents, B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import flax.struct
+import numpy as np
+
+from c3po_jax.demo import scoring
+
+
+@flax.struct.dataclass
+class Batch:
+  inputs: np.ndarray  # [B, T] int32 token ids (0 = pad)
+  targets: np.ndarray  # [B, T] int32 next tokens
+  weights: np.ndarray  # [B, T] float32 loss weights (0 on padding)
+  mask: np.ndarray  # [B, T] int32 attention mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """All documents of one padded length T. Arrays [N, T]."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  weights: np.ndarray
+  mask: np.ndarray
+  batch_size: int
+
+  def take(self, rows: np.ndarray) -> Batch:
+    return Batch(self.inputs[rows], self.targets[rows], self.weights[rows], self.mask[rows])
+
+
+def tokenize_documents(
+  tokenizer, docs: Sequence[dict], eos_id: int, answer_weight: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per document (ids [n], weight of predicting each ids[1:] [n - 1])."""
+  texts = scoring.encode_prompts(tokenizer, [d['text'] for d in docs])
+  targets = scoring.encode_prompts(tokenizer, [d['target'] for d in docs])
+  out = []
+  for text, target in zip(texts, targets):
+    ids = np.array([*text, *target, eos_id], np.int32)
+    weights = np.ones(len(ids) - 1, np.float32)
+    weights[len(text) - 1 : len(text) - 1 + len(target)] = answer_weight
+    out.append((ids, weights))
+  return out
+
+
+def make_buckets(
+  documents: Sequence[tuple[np.ndarray, np.ndarray]],
+  lengths: Sequence[int],
+  batch_tokens: int,
+) -> list[Bucket]:
+  """Groups documents by the shortest bucket length that holds their inputs."""
+  lengths = sorted(lengths)
+  groups: dict[int, list] = {t: [] for t in lengths}
+  for ids, weights in documents:
+    n = len(ids) - 1  # inputs are ids[:-1]
+    if n > lengths[-1]:
+      raise ValueError(f'a document has {n} input tokens, more than {lengths[-1]}')
+    groups[next(t for t in lengths if t >= n)].append((ids, weights))
+  buckets = []
+  for t, docs in groups.items():
+    if not docs:
+      continue
+    inputs = np.zeros((len(docs), t), np.int32)
+    targets = np.zeros((len(docs), t), np.int32)
+    weights = np.zeros((len(docs), t), np.float32)
+    mask = np.zeros((len(docs), t), np.int32)
+    for i, (ids, w) in enumerate(docs):
+      n = len(ids) - 1
+      inputs[i, :n] = ids[:-1]
+      targets[i, :n] = ids[1:]
+      weights[i, :n] = w
+      mask[i, :n] = 1
+    buckets.append(Bucket(inputs, targets, weights, mask, max(1, batch_tokens // t)))
+  return buckets
+
+
+def epoch_batches(buckets: Sequence[Bucket], rng: np.random.Generator) -> Iterator[Batch]:
+  """One pass over every full batch of every bucket, in a random order."""
+  plan = []
+  for b, bucket in enumerate(buckets):
+    rows = rng.permutation(len(bucket.inputs))
+    n = len(rows) // bucket.batch_size * bucket.batch_size
+    plan += [(b, chunk) for chunk in rows[:n].reshape(-1, bucket.batch_size)]
+  for i in rng.permutation(len(plan)):
+    b, rows = plan[i]
+    yield buckets[b].take(np.sort(rows))
+
+
+def batches(buckets: Sequence[Bucket], seed: int) -> Iterator[Batch]:
+  """Endless batches, epoch after epoch, deterministic for a seed."""
+  rng = np.random.default_rng(seed)
+  while True:
+    yield from epoch_batches(buckets, rng)

@@ -1,0 +1,283 @@
+"""The demo suite: four synthetic benchmark families with their reference sources.
+
+Each family (see families.py) has a test source, the 'benchmark', and two
+reference sources. Splits, per family:
+
+  dev, test   test-source questions on held-out problems (disjoint from each
+              other); dev is for choosing C3PO's settings, test for reporting.
+  reference   reference-source questions on the other problems: the labelled
+              pool C3PO draws its successful neighbours from.
+  train       the language-model training data. Reference sources dominate;
+              the test source is rare (`test_train_fraction` of the family)
+              and never asks a dev or test problem. The knowledge the test
+              questions need (the fact table, the arithmetic) is taught through
+              the reference phrasings, so the model is partly right on the test
+              phrasing and its router was fitted mostly to other phrasings.
+              The facts family adds plain statements of the fact table.
+
+No dev or test question text occurs in train or reference. Everything is a
+function of the seed; each split draws from its own named random stream.
+
+Written files (one per source and split, generic multiple-choice JSONL):
+  {source}_{split}.jsonl  {"id", "task" (the source), "question", "choices",
+                          "answer" (0-based gold), "split"}
+  train_text.jsonl        {"text": prompt, "target": gold continuation or
+                          "" (statements), "source"}: the LM training stream
+  suite.json              the manifest: which reference files go with which
+                          test family, the prompt format, sizes and sha256.
+
+  python -m c3po_jax.demo.suite --seed=0 --output_dir=/tmp/demo_suite
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+from c3po_jax.demo import families as families_lib
+from c3po_jax.demo import prompts
+
+MANIFEST = 'suite.json'
+TRAIN_TEXT = 'train_text.jsonl'
+FORMAT = 'c3po-jax/demo-suite'
+FORMAT_VERSION = 1
+SPLITS = ('train', 'reference', 'dev', 'test')
+EVAL_SPLITS = ('reference', 'dev', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+  """Sizes of the suite. Counts are per source unless said otherwise."""
+
+  seed: int = 0
+  num_dev: int = 100
+  num_test: int = 300
+  num_reference: int = 200
+  num_train: int = 25000  # per family, all its sources together
+  test_train_fraction: float = 0.04  # share of the family's train items
+  statement_repeats: int = 10  # copies of the fact-table statements
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  config: SuiteConfig
+  families: tuple[families_lib.Family, ...]
+  records: dict[tuple[str, str], list[dict]]  # (source, split) -> rows
+  train_text: list[dict]
+
+  def family(self, name: str) -> families_lib.Family:
+    return next(f for f in self.families if f.name == name)
+
+  def family_of(self, source: str) -> families_lib.Family:
+    return next(f for f in self.families if source in f.sources)
+
+
+def stream(seed: int, *names: str) -> np.random.Generator:
+  """An independent random stream per seed and name path."""
+  keys = [zlib.crc32(n.encode()) for n in names]
+  return np.random.default_rng(np.random.SeedSequence([seed, *keys]))
+
+
+def _records(
+  family: families_lib.Family,
+  source: str,
+  split: str,
+  problems: Sequence,
+  rng: np.random.Generator,
+) -> list[dict]:
+  out = []
+  for i, problem in enumerate(problems):
+    q = family.render(source, problem, rng)
+    out.append(
+      {
+        'id': f'{source}-{split}-{i:05d}',
+        'task': source,
+        'question': q.question,
+        'choices': list(q.choices),
+        'answer': q.answer,
+        'split': split,
+      }
+    )
+  return out
+
+
+def _sample(rng: np.random.Generator, problems: Sequence, n: int) -> list:
+  """n problems, without replacement while there are enough."""
+  idx = rng.choice(len(problems), size=n, replace=n > len(problems))
+  return [problems[i] for i in idx]
+
+
+def _family_records(family, config: SuiteConfig) -> dict[tuple[str, str], list[dict]]:
+  seed = config.seed
+  problems = family.problems(stream(seed, family.name, 'problems'))
+  order = stream(seed, family.name, 'split').permutation(len(problems))
+  num_eval = config.num_dev + config.num_test
+  if num_eval >= len(problems):
+    raise ValueError(f'{family.name} has {len(problems)} problems, too few for {num_eval}')
+  held_out = [problems[i] for i in order[:num_eval]]
+  pool = [problems[i] for i in order[num_eval:]]
+  test_src = family.test_source
+  out = {
+    (test_src, 'dev'): _records(
+      family, test_src, 'dev', held_out[: config.num_dev], stream(seed, test_src, 'dev')
+    ),
+    (test_src, 'test'): _records(
+      family, test_src, 'test', held_out[config.num_dev :], stream(seed, test_src, 'test')
+    ),
+  }
+  num_test_train = round(config.num_train * config.test_train_fraction)
+  num_ref_train = (config.num_train - num_test_train) // len(family.reference_sources)
+  for src in family.reference_sources:
+    rng = stream(seed, src, 'reference')
+    out[src, 'reference'] = _records(
+      family, src, 'reference', _sample(rng, pool, config.num_reference), rng
+    )
+    rng = stream(seed, src, 'train')
+    out[src, 'train'] = _records(family, src, 'train', _sample(rng, problems, num_ref_train), rng)
+  rng = stream(seed, test_src, 'train')
+  out[test_src, 'train'] = _records(
+    family, test_src, 'train', _sample(rng, pool, num_test_train), rng
+  )
+  return out
+
+
+def check_no_leak(records: dict[tuple[str, str], list[dict]]) -> None:
+  """Raises ValueError if a dev/test question occurs in train or reference, or dev in test."""
+  seen = {
+    split: {r['question'] for (_, s), rows in records.items() if s == split for r in rows}
+    for split in SPLITS
+  }
+  for split in ('dev', 'test'):
+    for other in ('train', 'reference'):
+      leaked = seen[split] & seen[other]
+      if leaked:
+        raise ValueError(f'{len(leaked)} {split} questions occur in {other}: {sorted(leaked)[:3]}')
+  if seen['dev'] & seen['test']:
+    raise ValueError('dev and test share questions')
+
+
+def build_suite(config: SuiteConfig = SuiteConfig()) -> Suite:
+  """Generates every split of every family from config.seed."""
+  families = families_lib.make_families(stream(config.seed, 'world'))
+  records: dict[tuple[str, str], list[dict]] = {}
+  for family in families:
+    records.update(_family_records(family, config))
+  check_no_leak(records)
+  text = [
+    {
+      'text': prompts.format_mc(r['question'], r['choices']),
+      'target': prompts.answer_text(r['answer']),
+      'source': src,
+    }
+    for (src, split), rows in sorted(records.items())
+    if split == 'train'
+    for r in rows
+  ]
+  rng = stream(config.seed, 'statements')
+  for family in families:
+    for _ in range(config.statement_repeats):
+      text += [
+        {'text': s, 'target': '', 'source': f'{family.name}_statements'}
+        for s in family.statements(rng)
+      ]
+  order = stream(config.seed, 'train_order').permutation(len(text))
+  return Suite(config, families, records, [text[i] for i in order])
+
+
+def file_name(source: str, split: str) -> str:
+  return f'{source}_{split}.jsonl'
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
+  """Writes rows; returns the sha256 of the bytes written."""
+  data = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows).encode()
+  with open(path, 'wb') as f:
+    f.write(data)
+  return hashlib.sha256(data).hexdigest()
+
+
+def manifest(suite: Suite) -> dict:
+  """The suite.json object (without file hashes)."""
+  benchmarks = {}
+  for f in suite.families:
+    benchmarks[f.name] = {
+      'description': f.description,
+      'test_source': f.test_source,
+      'dev': file_name(f.test_source, 'dev'),
+      'test': file_name(f.test_source, 'test'),
+      'reference_sources': list(f.reference_sources),
+      'reference': [file_name(s, 'reference') for s in f.reference_sources],
+    }
+  return {
+    'format': FORMAT,
+    'format_version': FORMAT_VERSION,
+    'config': dataclasses.asdict(suite.config),
+    'prompt': {
+      'format': 'mc',
+      'template': prompts.format_mc('{question}', ['{choice 0}', '{choice 1}']),
+      'continuation': prompts.answer_text(0).replace('A', '{letter}'),
+      'letters': prompts.LETTERS,
+    },
+    'benchmarks': benchmarks,
+  }
+
+
+def write_suite(suite: Suite, output_dir: str, *, include_train: bool = True) -> dict:
+  """Writes the split files and suite.json; returns the manifest.
+
+  Train files are hashed in the manifest even when not written, so a copy
+  regenerated from the seed can be checked against it.
+  """
+  os.makedirs(output_dir, exist_ok=True)
+  files = {}
+  outputs = [(file_name(src, split), rows) for (src, split), rows in sorted(suite.records.items())]
+  outputs.append((TRAIN_TEXT, suite.train_text))
+  for name, rows in outputs:
+    is_train = name == TRAIN_TEXT or name.endswith('_train.jsonl')
+    if is_train and not include_train:
+      data = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows).encode()
+      digest = hashlib.sha256(data).hexdigest()
+    else:
+      digest = _write_jsonl(os.path.join(output_dir, name), rows)
+    files[name] = {'rows': len(rows), 'sha256': digest, 'written': not is_train or include_train}
+  out = manifest(suite)
+  out['files'] = files
+  with open(os.path.join(output_dir, MANIFEST), 'w') as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+    f.write('\n')
+  return out
+
+
+def read_manifest(suite_dir: str) -> dict:
+  with open(os.path.join(suite_dir, MANIFEST)) as f:
+    out = json.load(f)
+  if out.get('format') != FORMAT:
+    raise ValueError(f'{suite_dir}/{MANIFEST} is not a demo suite manifest')
+  return out
+
+
+def main(argv, *, seed: int, output_dir: str, include_train: bool):
+  del argv
+  suite = build_suite(SuiteConfig(seed=seed))
+  out = write_suite(suite, output_dir, include_train=include_train)
+  for name, info in sorted(out['files'].items()):
+    logging.info('%s: %d rows%s', name, info['rows'], '' if info['written'] else ' (not written)')
+
+
+if __name__ == '__main__':
+  # Flags live here so that importing this module defines none.
+  _seed = flags.DEFINE_integer('seed', 0, 'Suite seed.')
+  _output_dir = flags.DEFINE_string('output_dir', None, 'Where to write the files.', required=True)
+  _include_train = flags.DEFINE_bool('include_train', True, 'Also write the train split.')
+  app.run(
+    lambda argv: main(
+      argv, seed=_seed.value, output_dir=_output_dir.value, include_train=_include_train.value
+    )
+  )

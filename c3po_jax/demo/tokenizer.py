@@ -1,0 +1,78 @@
+"""A small byte-level BPE tokenizer for the demo model, trained on the suite.
+
+GPT-2's byte-level pre-tokenization with one change: each digit is its own
+pre-token (the leading space stays with the first digit, ' 42' -> ' 4' '2'),
+so numbers are spelled digit by digit and arithmetic can be learned as an
+algorithm rather than a table. Answer letters ' A'..' E' are single tokens.
+Saved in the Hugging Face format (tokenizer.json + tokenizer_config.json),
+loadable with transformers.PreTrainedTokenizerFast / AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from c3po_jax.demo import prompts
+
+PAD = '<|pad|>'
+EOS = '<|endoftext|>'
+SPECIAL_TOKENS = (PAD, EOS)  # ids 0 and 1
+# GPT-2's pattern with single digits (' ?\p{N}' instead of ' ?\p{N}+').
+_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
+  """BPE trained on texts (deterministic for the same texts in the same order)."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+      pre_tokenizers.Split(Regex(_PATTERN), behavior='isolated'),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]
+  )
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator(texts, trainer)
+  return tok
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+  """Token id of each answer continuation ' A'..' E'; raises if one is not one token.
+
+  Accepts a `tokenizers.Tokenizer` or a transformers tokenizer.
+  """
+  ids = []
+  for i in range(len(prompts.LETTERS)):
+    text = prompts.answer_text(i)
+    if isinstance(tokenizer, Tokenizer):
+      enc = tokenizer.encode(text).ids
+    else:
+      enc = tokenizer.encode(text, add_special_tokens=False)
+    if len(enc) != 1:
+      raise ValueError(f'{text!r} is {len(enc)} tokens, expected one')
+    ids.append(enc[0])
+  return ids
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str) -> list[str]:
+  """Writes the HF tokenizer files into directory; returns their paths."""
+  from transformers import PreTrainedTokenizerFast
+
+  fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS)
+  os.makedirs(directory, exist_ok=True)
+  return [p for p in fast.save_pretrained(directory) if p.endswith('.json')]
+
+
+def load_tokenizer(directory: str):
+  """The transformers tokenizer saved in directory."""
+  from transformers import PreTrainedTokenizerFast
+
+  return PreTrainedTokenizerFast.from_pretrained(directory)

@@ -1,0 +1,233 @@
+"""Trains the demo OLMoE on the demo suite and saves a c3po-jax checkpoint.
+
+Next-token cross-entropy over the suite's training text (the answer letter
+weighted up), plus a small Switch-style load-balancing loss on the router
+probabilities of every layer so experts specialize instead of collapsing.
+AdamW with linear warmup and cosine decay; everything seeded.
+
+  python -m c3po_jax.demo.train --output_dir=checkpoints/demo
+
+Writes to output_dir: the checkpoint (config.json, params/, tokenizer files),
+demo.json (seeds, steps, train time, accuracies) and suite/ (the suite's
+reference, dev and test files and manifest; the train split is regenerated
+from the seed with `python -m c3po_jax.demo.suite`).
+
+Dimensions: L layers, B batch, T tokens, E experts, K top-k, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+
+from c3po_jax import checkpoint
+from c3po_jax.demo import data, scoring, suite
+from c3po_jax.demo import tokenizer as tokenizer_lib
+from models.olmoe import transformer
+from models.olmoe.config import OlmoeConfig
+
+METADATA_FILE = 'demo.json'
+SUITE_DIR = 'suite'
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  suite_seed: int = 0
+  seed: int = 0
+  steps: int = 2000
+  batch_tokens: int = 2048
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  weight_decay: float = 0.01
+  answer_weight: float = 4.0
+  aux_loss_coef: float = 0.01
+  vocab_size: int = 1024  # tokenizer target; the model rounds up to 64
+  num_layers: int = 6
+  hidden_size: int = 128
+  num_heads: int = 4
+  num_experts: int = 16
+  top_k: int = 2
+  expert_hidden: int = 128
+  bucket_lengths: tuple[int, ...] = (40, 48, 56, 64)
+  eval_every: int = 500
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> OlmoeConfig:
+  return OlmoeConfig(
+    vocab_size=-(-vocab_size // 64) * 64,
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.expert_hidden,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_heads,
+    num_experts=cfg.num_experts,
+    num_experts_per_tok=cfg.top_k,
+    max_position_embeddings=max(cfg.bucket_lengths),
+    pad_token_id=0,
+    eos_token_id=1,
+  )
+
+
+def load_balance_loss(router_probs: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+  """E * sum_e f_e * p_e per layer, averaged (1 when routing is uniform).
+
+  f_e: share of real tokens' top-k slots given to expert e; p_e: mean router
+  probability of e. router_probs [L, B, T, E], mask [B, T].
+  """
+  e = router_probs.shape[-1]
+  m = mask.astype(jnp.float32)[None, :, :, None]  # [1, B, T, 1]
+  count = jnp.sum(mask)
+  p = jnp.sum(router_probs * m, axis=(1, 2)) / count  # [L, E]
+  _, idx = jax.lax.top_k(router_probs, k)
+  assigned = jnp.sum(jax.nn.one_hot(idx, e), axis=-2)  # [L, B, T, E]
+  f = jnp.sum(assigned * m, axis=(1, 2)) / (k * count)  # [L, E]
+  return jnp.mean(e * jnp.sum(f * p, axis=-1))
+
+
+def loss_fn(params, batch: data.Batch, config: OlmoeConfig, aux_coef: float):
+  out = transformer.forward(params, batch.inputs, config=config, attention_mask=batch.mask)
+  logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, T, V]
+  nll = -jnp.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]
+  ce = jnp.sum(nll * batch.weights) / jnp.sum(batch.weights)
+  aux = load_balance_loss(out.router_probs, batch.mask, config.num_experts_per_tok)
+  return ce + aux_coef * aux, {'ce': ce, 'aux': aux}
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  warmup = min(cfg.warmup_steps, max(1, cfg.steps // 10))  # Short runs: shorter warmup.
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, cfg.learning_rate, warmup, cfg.steps, cfg.learning_rate * 0.05
+  )
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  return optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'optimizer', 'aux_coef'), donate_argnums=0)
+def train_step(state, batch, *, config, optimizer, aux_coef):
+  params, opt_state = state
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, config, aux_coef)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return (optax.apply_updates(params, updates), opt_state), metrics
+
+
+def dev_accuracy(params, config, tok, the_suite: suite.Suite, split: str = 'dev') -> dict:
+  """Accuracy per source on `split` ('dev': per family; 'reference': per source)."""
+  out = {}
+  for (source, s), rows in sorted(the_suite.records.items()):
+    if s == split:
+      out[source] = scoring.accuracy(params, config, tok, rows)
+  return out
+
+
+def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
+  the_suite = suite.build_suite(suite.SuiteConfig(seed=cfg.suite_seed))
+  docs = the_suite.train_text
+  tok = tokenizer_lib.train_tokenizer((d['text'] + d['target'] for d in docs), cfg.vocab_size)
+  tokenizer_lib.letter_token_ids(tok)  # Fails early if a letter is not one token.
+  config = model_config(cfg, tok.get_vocab_size())
+  logging.info('Train config: %s', cfg)
+  logging.info('Model config: %s', config)
+  documents = data.tokenize_documents(tok, docs, config.eos_token_id, cfg.answer_weight)
+  buckets = data.make_buckets(documents, cfg.bucket_lengths, cfg.batch_tokens)
+  logging.info(
+    '%d documents, %d tokens; buckets %s',
+    len(documents),
+    sum(len(ids) for ids, _ in documents),
+    [(b.inputs.shape, b.batch_size) for b in buckets],
+  )
+
+  params = transformer.init_params(config, jax.random.PRNGKey(cfg.seed))
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  logging.info('%d parameters', num_params)
+  optimizer = make_optimizer(cfg)
+  state = (params, optimizer.init(params))
+  step_fn = functools.partial(
+    train_step, config=config, optimizer=optimizer, aux_coef=cfg.aux_loss_coef
+  )
+  stream = data.batches(buckets, cfg.seed)
+  start = time.time()
+  recent = []
+  for step in range(1, cfg.steps + 1):
+    state, metrics = step_fn(state, next(stream))
+    recent.append(metrics)
+    if step % 50 == 0 or step == cfg.steps:
+      m = jax.tree.map(lambda *x: float(np.mean(x)), *recent)
+      recent = []
+      logging.info(
+        'step %d/%d  ce %.4f  aux %.3f  %.1f s', step, cfg.steps, m['ce'], m['aux'],
+        time.time() - start,
+      )  # fmt: skip
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+      for split in ('dev', 'reference'):
+        acc = dev_accuracy(state[0], config, tok, the_suite, split)
+        logging.info(
+          'step %d %s accuracy %s', step, split, {k: round(v, 3) for k, v in acc.items()}
+        )
+  train_seconds = time.time() - start
+  params = jax.device_get(state[0])
+
+  dev = dev_accuracy(params, config, tok, the_suite, 'dev')
+  reference = dev_accuracy(params, config, tok, the_suite, 'reference')
+  for name, acc in dev.items():
+    logging.info('dev accuracy %-14s %.3f', name, acc)
+  for name, acc in reference.items():
+    logging.info('reference accuracy %-18s %.3f', name, acc)
+
+  metadata = {
+    'train_config': dataclasses.asdict(cfg),
+    'num_parameters': int(num_params),
+    'train_seconds': round(train_seconds, 1),
+    'final_ce': m['ce'],
+    'dev_accuracy': {the_suite.family_of(s).name: a for s, a in dev.items()},
+    'reference_accuracy': reference,
+    'jax_version': jax.__version__,
+  }
+  with tempfile.TemporaryDirectory() as tmp:
+    files = tokenizer_lib.save_tokenizer(tok, tmp)
+    meta_path = os.path.join(tmp, METADATA_FILE)
+    with open(meta_path, 'w') as f:
+      json.dump(metadata, f, indent=2, sort_keys=True)
+      f.write('\n')
+    checkpoint.save_checkpoint(
+      output_dir, config, params, extra_files=[*files, meta_path], overwrite=overwrite
+    )
+  suite.write_suite(the_suite, os.path.join(output_dir, SUITE_DIR), include_train=False)
+  return metadata
+
+
+def define_flags() -> dict:
+  """Flags of the script: output_dir, overwrite and one per scalar TrainConfig field."""
+  define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}
+  out = {
+    f.name: define[type(f.default)](f.name, f.default, f'TrainConfig.{f.name}')
+    for f in dataclasses.fields(TrainConfig)
+    if type(f.default) in define
+  }
+  out['output_dir'] = flags.DEFINE_string('output_dir', None, 'Checkpoint to write.', required=True)
+  out['overwrite'] = flags.DEFINE_bool('overwrite', False, 'Replace an existing output_dir.')
+  return out
+
+
+def main(argv, flag_values: dict):
+  del argv
+  values = {name: flag.value for name, flag in flag_values.items()}
+  output_dir, overwrite = values.pop('output_dir'), values.pop('overwrite')
+  train(TrainConfig(**values), output_dir, overwrite=overwrite)
+
+
+if __name__ == '__main__':
+  _flags = define_flags()  # Here, so that importing this module defines no flag.
+  app.run(functools.partial(main, flag_values=_flags))
