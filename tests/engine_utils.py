@@ -1,0 +1,32 @@
+"""A tiny random OLMoE checkpoint that works with the real OLMoE tokenizer."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from c3po_jax.checkpoint import save_checkpoint
+from models.olmoe import transformer
+from models.olmoe.config import OlmoeConfig
+
+# vocab_size covers the OLMoE tokenizer (ids up to 50279); everything else tiny.
+TINY_TOKENIZER_CONFIG = OlmoeConfig(
+  vocab_size=50304,
+  hidden_size=32,
+  intermediate_size=16,
+  num_hidden_layers=4,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  num_experts=8,
+  num_experts_per_tok=2,
+  max_position_embeddings=2048,
+)
+
+
+def tiny_params(config: OlmoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0):
+  return transformer.init_params(config, jax.random.PRNGKey(seed))
+
+
+def make_checkpoint(path: str, config: OlmoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0) -> str:
+  params = jax.tree.map(np.asarray, tiny_params(config, seed))
+  return save_checkpoint(str(path), config, params, overwrite=True)

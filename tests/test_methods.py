@@ -1,0 +1,190 @@
+"""The C3PO surrogates on small problems with known answers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from c3po_jax import engine, kernels, methods, neighbours, scoring
+from c3po_jax import pathway as pw_lib
+from models.olmoe import transformer
+from models.olmoe.config import TINY
+
+SPEC = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 2, 6)
+
+
+def _prompts(rng, n, fmt='mc', choices=3):
+  out = []
+  for _ in range(n):
+    ctx = tuple(int(x) for x in rng.integers(3, TINY.vocab_size, rng.integers(4, 12)))
+    if fmt == 'mc':
+      conts = tuple((10 + c,) for c in range(choices))
+    else:
+      conts = tuple(
+        tuple(int(x) for x in rng.integers(3, TINY.vocab_size, rng.integers(1, 4)))
+        for _ in range(choices)
+      )
+    out.append(scoring.EncodedPrompt(ctx, conts, int(rng.integers(choices)), (1,) * choices, fmt))
+  return out
+
+
+@pytest.fixture(scope='module')
+def model():
+  """Random tiny model with experts scaled up so that routing moves logits."""
+  params = transformer.init_params(TINY, jax.random.PRNGKey(0))
+  for i in range(TINY.num_hidden_layers):
+    moe = params[f'layer_{i}']['moe']
+    for name in ('gate', 'up', 'down'):
+      moe[name] = moe[name] * 10.0
+  return params
+
+
+def _engine(**kw):
+  mc = methods.MethodConfig(
+    **{k: v for k, v in kw.items() if k in methods.MethodConfig.__dataclass_fields__}
+  )
+  ec_kw = {k: v for k, v in kw.items() if k in ('loss', 'opt_pathway_mode', 'eval_pathway_mode')}
+  spec = kw.get('spec', SPEC)
+  return engine.Engine(TINY, engine.EngineConfig(spec=spec, method=mc, **ec_kw))
+
+
+@functools.cache
+def _ngd_engine():
+  """One engine shared by the NGD tests, so they compile once."""
+  return _engine(ngd_steps=4, lr=0.1, lr_end=0.01)
+
+
+def _problem(model, eng, q=3, k=3, fmt='mc', seed=0):
+  rng = np.random.default_rng(seed)
+  test = scoring.make_batch(_prompts(rng, q, fmt), num_choices=3)
+  nb = scoring.make_batch(_prompts(rng, q * k, fmt), num_choices=3)
+  nb = jax.tree.map(lambda x: x.reshape((q, k) + x.shape[1:]), nb)
+  base = eng.analyze(model, test)
+  cs = eng.core_slices(base.router_probs)
+  w = jnp.asarray(rng.uniform(0.1, 1.0, (q, k)), jnp.float32)
+  return test, nb, cs, w
+
+
+def test_kernel_weights_by_hand():
+  sim = np.array([[0.9, 0.5, 0.1]])
+  valid = np.array([[True, True, True]])
+  d2 = 2 - 2 * sim
+  sigma = np.median(np.sqrt(d2))
+  want = np.exp(-d2 / (2 * sigma**2))
+  np.testing.assert_allclose(kernels.kernel_weights(sim, valid), want / want.sum(), rtol=1e-6)
+  got = kernels.kernel_weights(sim, valid, kind='gaussian', sigma=0.5)
+  want = np.exp(-d2 / 0.5)
+  np.testing.assert_allclose(got, want / want.sum(), rtol=1e-6)
+  lin = kernels.kernel_weights(sim, np.array([[True, False, True]]), kind='linear')
+  np.testing.assert_allclose(lin, [[0.9, 0.0, 0.1]], rtol=1e-6)
+  for kind in kernels.KERNELS:  # closer neighbours never weigh less
+    w = kernels.kernel_weights(sim, valid, kind=kind)[0]
+    assert np.all(np.diff(w) <= 1e-7) and abs(w.sum() - 1) < 1e-6
+
+
+def test_neighbours_knn_eps_and_overlap():
+  refs = np.array([[1, 0], [0.9, 0.436], [0.6, 0.8], [0, 1]], np.float32)
+  query = np.array([[1, 0.05]], np.float32)
+  nb = neighbours.find(query, refs, k=2)
+  assert nb.index.tolist() == [[1, 2]]  # ref 0 is a near-duplicate (> 0.95): dropped
+  ball = neighbours.find(query, refs, k=3, epsilon=0.1)
+  assert ball.valid.tolist() == [[True, False, False]]
+  with pytest.raises(ValueError, match='empty'):
+    neighbours.find(query, refs[:0], k=2)
+
+
+def test_kernel_regression_is_weighted_mean_when_alpha_fixed():
+  q0 = jnp.full((2, 3), 1 / 3)
+  qn = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(3), size=(4, 2)), jnp.float32)
+  w = jnp.asarray([0.5, 0.25, 0.25, 0.0])
+  zero_loss = lambda q, cs, d, w: jnp.sum(q)
+  trace, alpha = methods.kernel_regression(
+    zero_loss, None, None, w, q0, qn, methods.MethodConfig(kr_alpha=0.0)
+  )
+  want = 0.5 * qn[0] + 0.25 * qn[1] + 0.25 * qn[2]
+  np.testing.assert_allclose(trace.q, want, rtol=1e-6)
+  assert float(alpha) == 0.0
+  # The alpha search picks the grid point with the lowest loss.
+  target = 0.3 * q0 + 0.7 * want
+  loss = lambda q, cs, d, w: jnp.sum((q - target) ** 2)
+  trace, alpha = methods.kernel_regression(loss, None, None, w, q0, qn, methods.MethodConfig())
+  np.testing.assert_allclose(float(alpha), 0.3, atol=1e-6)
+
+
+def test_mode_finding_converges_to_the_dominant_mode():
+  rng = np.random.default_rng(0)
+  mode_a = np.array([0.7, 0.2, 0.1])
+  mode_b = np.array([0.1, 0.2, 0.7])
+  pts = np.concatenate(
+    [
+      rng.dirichlet(mode_a * 200, size=40),
+      rng.dirichlet(mode_b * 200, size=10),
+    ]
+  )[:, None, :]  # [R, C=1, Kc=3]
+  q0 = jnp.asarray([[0.5, 0.25, 0.25]])
+  mc = methods.MethodConfig(mode_alpha=0.5, mode_iters=60, mode_neighbours=15)
+  trace = methods.mode_finding(q0, jnp.asarray(pts), jnp.ones(50, bool), mc)
+  np.testing.assert_allclose(trace.q[0], mode_a, atol=0.03)
+  assert bool(trace.finite)
+
+
+@pytest.mark.parametrize('fmt', ['mc', 'rc'])
+def test_ngd_lowers_the_surrogate_loss(model, fmt):
+  eng = _ngd_engine()
+  _, nb, cs, w = _problem(model, eng, fmt=fmt)
+  trace = eng.ngd(model, cs, eng.prepare(model, nb), w)
+  losses = np.asarray(trace.losses)
+  assert np.all(np.asarray(trace.finite))
+  assert np.all(losses[:, -1] < losses[:, 0] - 1e-4), losses
+
+
+def test_batched_equals_per_sample_and_is_deterministic(model):
+  eng = _ngd_engine()
+  _, nb, cs, w = _problem(model, eng)
+  batched = eng.ngd(model, cs, eng.prepare(model, nb), w)
+  again = eng.ngd(model, cs, eng.prepare(model, nb), w)
+  np.testing.assert_array_equal(batched.q, again.q)
+  for i in range(3):
+    one = lambda x, i=i: x[i : i + 1]
+    single = eng.ngd(
+      model, jax.tree.map(one, cs), eng.prepare(model, jax.tree.map(one, nb)), w[i : i + 1]
+    )
+    np.testing.assert_allclose(single.q[0], batched.q[i], atol=1e-5)
+    np.testing.assert_allclose(single.losses[0], batched.losses[i], rtol=1e-5)
+
+
+def test_nan_falls_back_to_base(model):
+  eng = _ngd_engine()
+  _, nb, cs, w = _problem(model, eng)
+  w = w.at[0].set(jnp.nan)
+  trace = eng.ngd(model, cs, eng.prepare(model, nb), w)
+  assert not bool(trace.finite[0]) and bool(trace.finite[1])
+  np.testing.assert_allclose(trace.q[0], jax.vmap(pw_lib.base_q)(cs)[0], rtol=1e-6)
+
+
+def test_oracle_flips_wrong_answers_to_the_label(model):
+  spec = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 3, 0)
+  eng = _engine(ngd_steps=30, lr=0.5, lr_end=0.05, spec=spec, eval_pathway_mode='dense')
+  rng = np.random.default_rng(3)
+  prompts = _prompts(rng, 12, 'mc')
+  test = scoring.make_batch(prompts, num_choices=3)
+  base = eng.analyze(model, test)
+  wrong = np.flatnonzero(np.argmax(base.scores, -1) != np.asarray(test.gold))
+  assert len(wrong) >= 3
+  cs = eng.core_slices(base.router_probs)
+  data = eng.prepare(model, jax.tree.map(lambda x: x[:, None], test))
+  trace = eng.ngd(model, cs, data, jnp.ones((12, 1)))
+  after = eng.analyze_remixed(model, test, cs, trace.q)
+  pred = np.argmax(after.scores, -1)
+  flipped = np.mean(pred[wrong] == np.asarray(test.gold)[wrong])
+  assert flipped >= 0.5, (flipped, pred[wrong], np.asarray(test.gold)[wrong])
+
+
+def test_identity_core_distribution_reproduces_base(model):
+  eng = _ngd_engine()
+  test, _, cs, _ = _problem(model, eng)
+  base = eng.analyze(model, test)
+  same = eng.analyze_remixed(model, test, cs, jax.vmap(pw_lib.base_q)(cs))
+  np.testing.assert_allclose(same.scores, base.scores, atol=1e-5)
