@@ -1,0 +1,113 @@
+"""End to end: the CLI on a tiny random model with real ARC / OpenBookQA rows."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from engine_utils import make_checkpoint
+
+from c3po_jax import pipeline, results
+from c3po_jax.run_config import RunConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+
+
+def _common(ckpt, tmp_path):
+  return dict(
+    checkpoint_dir=ckpt,
+    benchmark='arc_challenge',
+    reference=('openbookqa', 'sciq'),
+    max_test_samples=4,
+    max_reference_samples=16,
+    batch_size=2,
+    critical_layers=2,
+    core_experts=4,
+    ngd_steps=2,
+    cache_dir=str(tmp_path / 'cache'),
+  )
+
+
+def test_cli_runs_every_method(ckpt, tmp_path):
+  out = tmp_path / 'run'
+  args = [
+    sys.executable,
+    '-m',
+    'c3po_jax.main',
+    f'--checkpoint_dir={ckpt}',
+    '--benchmark=arc_challenge',
+    '--reference=openbookqa,sciq',
+    '--max_test_samples=2',
+    '--max_reference_samples=12',
+    '--batch_size=2',
+    '--critical_layers=2',
+    '--core_experts=4',
+    '--ngd_steps=2',
+    '--mode_iters=2',
+    f'--cache_dir={tmp_path / "cache"}',
+    f'--output_dir={out}',
+  ]
+  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((out / 'summary.json').read_text())['methods']
+  assert set(summary) == {'base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle'}
+  rows = results.read_rows(str(out / 'results.jsonl'))
+  assert len(rows) == 6 * 2
+  ngd = [r for r in rows if r['method'] == 'ngd']
+  assert all(len(r['losses']) == 3 and r['neighbours'] for r in ngd)
+  assert 'base' in proc.stdout and 'ngd' in proc.stdout  # the printed table
+  assert list(out.glob('routing_*.png'))
+  # A second run reuses the cached reference set.
+  assert len(list((tmp_path / 'cache').glob('refs-*'))) == 1
+
+
+def test_missing_checkpoint_says_how_to_convert(tmp_path):
+  rc = RunConfig(
+    checkpoint_dir=str(tmp_path / 'nope'), benchmark='arc_challenge', reference=('openbookqa',)
+  )
+  with pytest.raises(pipeline.MissingCheckpointError, match='c3po_jax.convert'):
+    pipeline.run(rc)
+
+
+def _strip(rows):
+  return sorted(
+    json.dumps({k: v for k, v in r.items() if k != 'seconds'}, sort_keys=True) for r in rows
+  )
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(ckpt, tmp_path, monkeypatch):
+  methods = ('base', 'kernel_regression', 'ngd')
+  full = tmp_path / 'full'
+  pipeline.run(RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(full)))
+  want = results.read_rows(str(full / 'results.jsonl'))
+  assert len(want) == 3 * 4
+
+  cut = tmp_path / 'cut'
+  write = results.ResultsWriter.write
+  count = {'n': 0}
+
+  def crashing_write(self, row):
+    if count['n'] == 5:  # die mid-line, as a killed process would
+      self._file.write(json.dumps(row)[:20])
+      self._file.flush()
+      raise KeyboardInterrupt
+    count['n'] += 1
+    write(self, row)
+
+  monkeypatch.setattr(results.ResultsWriter, 'write', crashing_write)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut)))
+  monkeypatch.setattr(results.ResultsWriter, 'write', write)
+  with pytest.raises(results.ResultsExistError):
+    pipeline.run(RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut)))
+  pipeline.run(
+    RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut), resume=True)
+  )
+  got = results.read_rows(str(cut / 'results.jsonl'))
+  assert _strip(got) == _strip(want)
