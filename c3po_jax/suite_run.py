@@ -1,0 +1,83 @@
+"""Runs C3PO over a suite of benchmarks, each with its own reference sources.
+
+A suite directory holds `suite.json` mapping benchmark names to files:
+  {"benchmarks": {NAME: {"test": FILE, "dev": FILE, "reference": [FILE, ...]}}}
+(paths relative to the directory; generic multiple-choice JSONL). Each
+benchmark runs as its own C3PO run in OUTPUT_DIR/NAME (resumable as usual);
+the combined table (methods x benchmarks + average, like the paper's Table 1)
+and OUTPUT_DIR/summary.json cover them all, with a McNemar test over every
+paired sample of the suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from c3po_jax import pipeline, results
+from c3po_jax.run_config import RunConfig
+
+
+def read_suite(suite_dir: str) -> dict:
+  path = os.path.join(suite_dir, 'suite.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no suite manifest at {path}')
+  with open(path) as f:
+    manifest = json.load(f)
+  if not isinstance(manifest.get('benchmarks'), dict) or not manifest['benchmarks']:
+    raise ValueError(f'{path}: no "benchmarks" mapping')
+  return manifest
+
+
+def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
+  """One pipeline run per benchmark of the suite; returns the combined summary."""
+  manifest = read_suite(suite_dir)
+  per_benchmark, all_rows = {}, []
+  for name, entry in manifest['benchmarks'].items():
+    if split not in entry:
+      raise ValueError(f'suite benchmark {name!r} has no {split!r} split')
+    sub = dataclasses.replace(
+      rc,
+      benchmark=os.path.join(suite_dir, entry[split]),
+      reference=tuple(os.path.join(suite_dir, r) for r in entry['reference']),
+      output_dir=os.path.join(rc.output_dir, name),
+    )
+    print(f'\n== {name} ({split}) ==')
+    per_benchmark[name] = pipeline.run(sub)
+    rows = results.read_rows(os.path.join(sub.output_dir, results.RESULTS_FILE))
+    all_rows += [{**r, 'id': f'{name}/{r["id"]}'} for r in rows]
+  pooled = results.summarize(all_rows)
+  table = format_suite_table(per_benchmark, pooled)
+  print('\n' + table)
+  path = os.path.join(rc.output_dir, results.SUMMARY_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(
+      {
+        'suite': suite_dir,
+        'split': split,
+        'benchmarks': per_benchmark,
+        'pooled': pooled,
+        'run_config': dataclasses.asdict(rc),
+      },
+      f,
+      indent=2,
+      sort_keys=True,
+    )
+  os.replace(path + '.tmp', path)
+  return {'benchmarks': per_benchmark, 'pooled': pooled}
+
+
+def format_suite_table(per_benchmark: dict, pooled: dict) -> str:
+  names = list(per_benchmark)
+  width = max(8, *(len(n) for n in names))
+  head = f'{"method":<18}' + ''.join(f' {n:>{width}}' for n in names) + f' {"avg":>7} {"p":>7}'
+  lines = [head, '-' * len(head)]
+  for method, p in pooled.items():
+    accs = [per_benchmark[n].get(method, {}).get('accuracy') for n in names]
+    cells = ''.join(f' {"-" if a is None else f"{100 * a:.1f}":>{width}}' for a in accs)
+    known = [a for a in accs if a is not None]
+    avg = 100 * sum(known) / len(known) if known else float('nan')
+    lines.append(f'{method:<18}{cells} {avg:>7.1f} {p["mcnemar_p_vs_base"]:>7.3f}')
+  lines.append('(accuracy %; avg: mean over benchmarks; p: exact McNemar vs base, pooled)')
+  return '\n'.join(lines)
