@@ -1,25 +1,36 @@
 """Sparse mixture-of-experts feed-forward: SwiGLU experts stacked on axis E.
 
-Three numerically equivalent dispatch strategies, chosen statically from the
-number of token-expert assignments:
+Three numerically equivalent dispatch strategies:
 
 * `moe_dense`: every expert runs on every token, outputs weighted by a dense
   [N, E] combine matrix. Used for the pathway's dense mode and as reference.
-* `moe_gather`: gathers each assignment's expert weights. For a handful of
-  tokens (decode steps, a single last token).
-* `moe_sorted`: sorts the N*K assignments by expert into fixed-size blocks,
-  runs one matmul per block with that block's expert weights, and scatters the
-  weighted rows back. Fixed shapes, no ragged ops, so it works under `vmap`
-  and `grad`; FLOPs are within a block's padding of the sparse optimum.
+* `moe_gather`: gathers each assignment's expert weights ([N, K, D, F] per
+  matrix). Simple, but the weight copies cost more than the matmuls; kept as
+  a second reference.
+* `moe_sorted`: groups the N*K assignments by expert into fixed-size blocks
+  (a counting sort: no argsort), then loops over the blocks, each one matmul
+  with its expert's weights, read in place. Fixed shapes and no ragged ops,
+  so it works under `vmap` and `grad`; FLOPs are within one block's padding
+  per expert of the sparse optimum, and blocks past the last used one are
+  skipped (except under `vmap`, where `cond` runs both branches).
+
+`moe_topk` is what the model calls; it uses `moe_sorted` at every size because
+that measured fastest on CPU from a single token to thousands (see
+`benchmarks/forward_throughput.py`).
 
 Dimensions: N tokens (flattened batch), D model, F expert hidden, E experts,
-K experts per token, S rows per block, G blocks.
+K experts per token, A = N*K assignments, S rows per block, G blocks.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  """One expert: x [..., D] with gate/up [D, F], down [F, D] -> [..., D]."""
+  return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
 def expert_outputs(x: jax.Array, moe: dict) -> jax.Array:
@@ -47,53 +58,91 @@ def moe_gather(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
 
 
 def _block_size(num_assignments: int, num_experts: int) -> int:
-  """Rows per block: about half the mean rows per expert, in [8, 128]."""
-  mean = max(1, num_assignments // num_experts)
-  size = 8
-  while size * 2 <= min(128, max(8, mean // 2)):
+  """Rows per block S: a power of two near sqrt(8 * mean rows per expert).
+
+  Padding costs about S/2 rows per expert and each block a fixed loop
+  overhead (~4 rows' worth on CPU), so the total E*S/2 + 4*A/S is least at
+  S = sqrt(8 * A / E). Clamped to [1, 64].
+  """
+  target = (8 * num_assignments / num_experts) ** 0.5
+  size = 1
+  while size < 64 and size * 1.5 < target:
     size *= 2
   return size
 
 
-def moe_sorted(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
-  """Block-sorted dispatch. x [N, D], weights/indices [N, K] -> [N, D]."""
+def _num_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
+  """Blocks for the worst case: each non-empty expert wastes < one block."""
+  used_experts = min(num_experts, num_assignments)
+  return -(-(num_assignments + used_experts * (block_size - 1)) // block_size)
+
+
+def _block_layout(indices: jax.Array, num_experts: int, block_size: int):
+  """Where each assignment goes when grouped by expert into blocks.
+
+  Args:
+    indices: [N, K] int32 expert of each assignment.
+
+  Returns:
+    (row [A] slot of assignment n*K + k in the [G*S] blocked buffer,
+     block_end [E] cumulative number of blocks of experts 0..e).
+  """
+  n, k = indices.shape
+  one_hot = jax.nn.one_hot(indices, num_experts, dtype=jnp.int32)  # [N, K, E]
+  per_token = jnp.sum(one_hot, axis=1)  # [N, E]
+  # associative_scan: jnp.cumsum lowers to a slow reduce_window on CPU.
+  before = jax.lax.associative_scan(jnp.add, per_token, axis=0) - per_token  # [N, E]
+  # Earlier slots of the same token with the same expert (none for top-k
+  # indices, counted anyway so any indices are safe).
+  same = indices[:, :, None] == indices[:, None, :]  # [N, K, K]
+  earlier = jnp.sum(jnp.tril(same, -1), axis=2)  # [N, K]
+  rank = jnp.take_along_axis(before, indices, axis=1) + earlier  # [N, K] rank within expert
+  counts = jnp.sum(per_token, axis=0)  # [E]
+  blocks = (counts + block_size - 1) // block_size
+  block_end = jnp.cumsum(blocks)
+  row = (block_end - blocks)[indices] * block_size + rank  # [N, K]
+  return row.reshape(n * k), block_end
+
+
+def moe_sorted(
+  x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict, *, block_size: int | None = None
+):
+  """Block-sorted dispatch. x [N, D], weights/indices [N, K] -> [N, D].
+
+  block_size: rows per block S (default `_block_size`); any S >= 1 is exact.
+  """
   n, k = indices.shape
   e = moe['gate'].shape[0]
-  a = n * k  # assignments
-  s = _block_size(a, e)
-  # Worst case every expert's group wastes s - 1 rows of padding.
-  g = -(-(a + e * (s - 1)) // s)
+  a = n * k
+  s = block_size or _block_size(a, e)
+  g = _num_blocks(a, e, s)
+  row, block_end = _block_layout(indices, e, s)
 
-  flat_e = indices.reshape(a)
-  flat_t = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
-  order = jnp.argsort(flat_e, stable=True)
-  sorted_e = flat_e[order]
-  sorted_t = flat_t[order]
-  sorted_w = weights.reshape(a)[order]
+  # Gather rather than scatter rows: slot -> token, empty slots -> a zero row.
+  token = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)  # [A]
+  slot_token = jnp.full((g * s,), n, jnp.int32).at[row].set(token)  # [G*S]
+  x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # [N+1, D]
+  xb = x_pad[slot_token].reshape(g, s, -1)  # [G, S, D]
+  block_expert = jnp.searchsorted(block_end, jnp.arange(g), side='right')  # [G]
+  used = block_expert < e  # trailing blocks hold no assignment
+  block_expert = jnp.minimum(block_expert, e - 1)
 
-  counts = jnp.bincount(flat_e, length=e)  # [E]
-  padded = (counts + s - 1) // s * s
-  padded_end = jnp.cumsum(padded)
-  padded_start = padded_end - padded
-  start = jnp.cumsum(counts) - counts
-  row = padded_start[sorted_e] + jnp.arange(a) - start[sorted_e]  # [A]
+  def run_block(args):
+    xg, eg, ug = args  # [S, D], [], []
 
-  buf = jnp.zeros((g * s, x.shape[-1]), x.dtype).at[row].set(x[sorted_t])
-  block_expert = jnp.searchsorted(padded_end, jnp.arange(g) * s, side='right')
-  block_expert = jnp.minimum(block_expert, e - 1)  # trailing empty blocks
-  xb = buf.reshape(g, s, -1)  # [G, S, D]
-  h = jax.nn.silu(jnp.einsum('gsd,gdf->gsf', xb, moe['gate'][block_expert]))
-  h = h * jnp.einsum('gsd,gdf->gsf', xb, moe['up'][block_expert])
-  y = jnp.einsum('gsf,gfd->gsd', h, moe['down'][block_expert])
-  y = y.reshape(g * s, -1)[row].astype(jnp.float32) * sorted_w[:, None]
-  out = jnp.zeros((n, x.shape[-1]), jnp.float32).at[sorted_t].add(y)
-  return out.astype(x.dtype)
+    def compute(xg, eg):
+      return _swiglu(xg, moe['gate'][eg], moe['up'][eg], moe['down'][eg])
+
+    return jax.lax.cond(ug, compute, lambda xg, eg: jnp.zeros_like(xg), xg, eg)
+
+  # A loop, not a batched einsum: indexing one expert's weights per block
+  # reads them in place, where gathering [G, D, F] copies cost more than
+  # the matmuls on CPU.
+  y = jax.lax.map(run_block, (xb, block_expert, used)).reshape(g * s, -1)  # [G*S, D]
+  y = y[row].reshape(n, k, -1).astype(jnp.float32)  # [N, K, D]
+  return jnp.einsum('nkd,nk->nd', y, weights).astype(x.dtype)
 
 
 def moe_topk(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
-  """Top-k MoE on [N, D] tokens with the cheapest exact dispatch for N."""
-  n, k = indices.shape
-  e = moe['gate'].shape[0]
-  if n * k <= e:
-    return moe_gather(x, weights, indices, moe)
+  """Top-k MoE on [N, D] tokens: the block-sorted dispatch at every N."""
   return moe_sorted(x, weights, indices, moe)
