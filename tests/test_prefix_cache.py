@@ -1,0 +1,198 @@
+"""The prefix-cached neighbour loss equals the naive full-forward one.
+
+Loss and gradient w.r.t. the core distribution q are compared with
+`engine.NaiveLoss` on a tiny random 4-layer model, for both prompt formats,
+both pathway modes, both loss kinds, contiguous and non-contiguous critical
+layers, and neighbours of different lengths (padded, one left-truncated).
+Then: padded or cut states, the per-reference LRU cache, and the batched
+engine against per-sample runs without recompiling.
+
+Dimensions: Q test samples, N neighbours, C critical layers, Kc core experts,
+L layers, E experts.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from c3po_jax import engine, methods, prefix_cache, scoring, state_cache
+from c3po_jax import pathway as pw_lib
+from models.olmoe import transformer
+from models.olmoe.config import TINY
+
+CONFIG = TINY.replace(num_hidden_layers=4)
+L, E = CONFIG.num_hidden_layers, CONFIG.num_experts
+NUM_CORE = 5
+MAX_LEN = 20  # the longest neighbour context (25 tokens) is left-truncated
+TOL = 1e-5
+
+
+@functools.cache
+def _params():
+  """Random params, large enough that routing and the pathway move the loss."""
+  params = transformer.init_params(CONFIG, jax.random.key(0))
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+
+  def draw(p):
+    noise = jax.random.normal(next(keys), p.shape, p.dtype)
+    return 1.0 + 0.1 * noise if p.ndim == 1 else 0.2 * noise
+
+  return jax.tree.map(draw, params)
+
+
+def _prompts(fmt: str, seed: int = 0) -> list[scoring.EncodedPrompt]:
+  """Three neighbours of different lengths; one has fewer choices (mc)."""
+  rng = np.random.default_rng(seed)
+  tok = lambda n: tuple(int(x) for x in rng.integers(3, CONFIG.vocab_size, n))
+  if fmt == 'mc':
+    shapes = [(5, 4, 1), (12, 3, 2), (25, 4, 0)]  # (context length, choices, gold)
+    return [
+      scoring.EncodedPrompt(tok(n), tuple((t,) for t in tok(c)), g, (1,) * c, 'mc')
+      for n, c, g in shapes
+    ]
+  shapes = [(5, (1, 3, 2), 1), (9, (2, 2, 1), 0), (25, (3, 1, 1), 2)]
+  out = [
+    scoring.EncodedPrompt(tok(n), tuple(tok(m) for m in ms), g, ms, 'rc') for n, ms, g in shapes
+  ]
+  # WinoGrande-style: one context per choice, of different lengths.
+  p = out[1]
+  out[1] = scoring.EncodedPrompt(
+    p.context, p.continuations, p.gold, p.cont_chars, 'rc', (tok(4), tok(7), tok(11))
+  )
+  return out
+
+
+def _batch(fmt: str, seed: int = 0) -> scoring.ChoiceBatch:
+  """[N, S, T] neighbour batch."""
+  return scoring.make_batch(
+    _prompts(fmt, seed), num_choices=4 if fmt == 'mc' else 3, max_len=MAX_LEN
+  )
+
+
+def _slice(layers, seed=1):
+  """A random base routing, its core slice, and a q away from the base."""
+  spec = pw_lib.PathwaySpec.make(L, E, layers, NUM_CORE)
+  base = jax.nn.softmax(2.0 * jax.random.normal(jax.random.key(seed), (L, E)), axis=-1)
+  cs = pw_lib.core_slice(base, spec)
+  q = jax.nn.softmax(
+    jax.random.normal(jax.random.key(seed + 1), (len(spec.layers), NUM_CORE)), axis=-1
+  )
+  return spec, cs, q
+
+
+WEIGHTS = jnp.asarray([0.5, 0.3, 0.2], jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _value_and_grads(spec, mode, kinds, params, data, cs, q):
+  """{(backend, loss kind): (loss, dloss/dq)} for both backends."""
+  out, states = {}, {}
+  for kind in kinds:
+    ec = engine.EngineConfig(spec=spec, loss=kind, opt_pathway_mode=mode)
+    for name, backend in engine.BACKENDS.items():
+      states[name] = backend.prepare(params, CONFIG, ec, data)
+      loss_fn = backend.make_loss(params, CONFIG, ec)
+      out[name, kind] = jax.value_and_grad(loss_fn)(q, cs, states[name], WEIGHTS)
+  return out, states['prefix']
+
+
+@pytest.mark.parametrize(
+  'fmt,mode,layers,kinds',
+  [
+    ('mc', 'dense', (1, 3), engine.LOSS_KINDS),  # layer 2 runs natively in between
+    ('rc', 'topk', (1, 3), engine.LOSS_KINDS),
+    ('mc', 'topk', (0, 2), ('choice_ce',)),  # from the embeddings on
+    ('rc', 'dense', (2, 3), ('gold_nll',)),
+  ],
+)
+def test_prefix_loss_and_grad_equal_naive(fmt, mode, layers, kinds):
+  spec, cs, q = _slice(layers)
+  data = _batch(fmt)
+  out, state = _value_and_grads(spec, mode, kinds, _params(), data, cs, q)
+  for kind in kinds:
+    naive_loss, naive_grad = out['naive', kind]
+    loss, grad = out['prefix', kind]
+    assert np.isfinite(naive_loss) and float(jnp.max(jnp.abs(naive_grad))) > 1e-3  # not vacuous
+    np.testing.assert_allclose(loss, naive_loss, atol=TOL, rtol=0, err_msg=kind)
+    np.testing.assert_allclose(grad, naive_grad, atol=TOL, rtol=0, err_msg=kind)
+  n, s, t = data.tokens.shape
+  assert all(leaf.shape[0] == n for leaf in jax.tree.leaves(state))
+  lc = L - min(layers)  # layers from the first critical one on
+  assert state.k.shape == (n, s, lc, t, CONFIG.num_key_value_heads, CONFIG.head_dim)
+  assert state.x.shape == (n, s, data.cont_pos.shape[-1], CONFIG.hidden_size)
+
+
+@functools.cache
+def _engine():
+  spec = pw_lib.PathwaySpec.make(L, E, (1, 3), NUM_CORE)
+  mc = methods.MethodConfig(ngd_steps=3, lr=0.1, lr_end=0.01, alpha_grid=5)
+  ec = engine.EngineConfig(spec=spec, method=mc, loss='gold_nll')
+  return engine.Engine(CONFIG, ec)
+
+
+def test_state_cache_pads_cuts_and_evicts():
+  eng = _engine()
+  prompts = _prompts('rc') + _prompts('rc', seed=5)[:1]  # 16- and 32-token buckets
+  cache = state_cache.StateCache(eng.prepare, prefix_cache.fit, capacity=3)
+  kw = dict(num_choices=3, max_len=MAX_LEN)
+  order = [0, 1, 2, 0, 3, 0]  # two test samples' neighbours; reference 0 recurs
+  got = cache.states(_params(), [('r', i) for i in order], [prompts[i] for i in order], **kw)
+  assert (cache.misses, cache.hits, len(cache)) == (4, 2, 3)
+  assert ('r', 1) not in cache and all(('r', i) in cache for i in (0, 2, 3))  # LRU went
+  # Reference: the four prepared together, at the batch's buckets.
+  direct = eng.prepare(
+    _params(), jax.tree.map(lambda x: x[None], scoring.make_batch(prompts, **kw))
+  )
+  want = jax.tree.map(lambda x: x[0, np.asarray(order)], direct)
+  assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
+  _, cs, q = _slice((1, 3))
+  loss_fn = jax.jit(prefix_cache.make_loss(_params(), CONFIG, eng.ec))
+  w = jnp.linspace(0.5, 1.0, len(order))
+  np.testing.assert_allclose(loss_fn(q, cs, got, w), loss_fn(q, cs, want, w), atol=TOL, rtol=0)
+  # Cutting slots that hold real tokens does change it (the check can fail).
+  cut = prefix_cache.fit(prefix_cache.fit(want, 16, 1), 32, 4)
+  assert abs(float(loss_fn(q, cs, cut, w) - loss_fn(q, cs, want, w))) > 1e-3
+
+
+def _engine_problem(seed, q=3):
+  """Q mc test samples, each with 3 neighbours, kernel weights and a core slice."""
+  rng = np.random.default_rng(seed)
+  seeds = rng.integers(1 << 30, size=q)
+  nb = jax.tree.map(
+    lambda *xs: jnp.stack(xs), *[_batch('mc', int(s)) for s in seeds]
+  )  # [Q, N, ...]
+  cs = jax.tree.map(lambda *xs: jnp.stack(xs), *[_slice((1, 3), int(s))[1] for s in seeds])
+  w = jnp.asarray(rng.uniform(0.1, 1.0, (q, 3)), jnp.float32)
+  return nb, cs, w
+
+
+def test_batched_ngd_equals_per_sample_and_compiles_once():
+  eng = _engine()
+  assert eng.loss_backend is prefix_cache.PrefixLoss  # the default
+  nb, cs, w = _engine_problem(seed=0)
+  batched = eng.ngd(_params(), cs, eng.prepare(_params(), nb), w)
+  sizes = eng.ngd._cache_size(), eng.prepare._cache_size()
+  for i in range(3):
+    alone = lambda x, i=i: jnp.repeat(x[i : i + 1], 3, axis=0)  # only sample i in the batch
+    single = eng.ngd(
+      _params(), jax.tree.map(alone, cs), eng.prepare(_params(), jax.tree.map(alone, nb)), alone(w)
+    )
+    np.testing.assert_allclose(single.q[0], batched.q[i], atol=TOL, rtol=0)
+    np.testing.assert_allclose(single.losses[0], batched.losses[i], atol=TOL, rtol=0)
+  nb2, cs2, w2 = _engine_problem(seed=1)  # other samples, same buckets
+  eng.ngd(_params(), cs2, eng.prepare(_params(), nb2), w2)
+  assert (eng.ngd._cache_size(), eng.prepare._cache_size()) == sizes
+
+
+def test_kernel_regression_runs_on_the_same_backend():
+  eng = _engine()
+  nb, cs, w = _engine_problem(seed=0)
+  data = eng.prepare(_params(), nb)
+  trace = eng.ngd(_params(), cs, data, w)
+  q_nb = jax.nn.softmax(jax.random.normal(jax.random.key(7), (3, 3, 2, NUM_CORE)), axis=-1)
+  kr, _ = eng.kernel_regression(_params(), cs, data, w, q_nb)
+  # The alpha grid's last point (alpha = 1) is q0, NGD's starting point.
+  np.testing.assert_allclose(kr.losses[:, -1], trace.losses[:, 0], atol=TOL, rtol=0)
