@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from c3po_jax import methods, scoring
+from c3po_jax import methods, prefix_cache, scoring
 from c3po_jax import pathway as pw_lib
 from models.olmoe.config import OlmoeConfig
 
@@ -71,6 +71,10 @@ def _naive_loss_fn(params, config: OlmoeConfig, ec: EngineConfig):
   return loss_fn
 
 
+# Loss backends by name: 'prefix' recomputes only what the pathway changes.
+BACKENDS = {'prefix': prefix_cache.PrefixLoss, 'naive': NaiveLoss}
+
+
 def _core_slices(base_probs, spec):
   return jax.vmap(lambda p: pw_lib.core_slice(p, spec))(base_probs)
 
@@ -78,12 +82,12 @@ def _core_slices(base_probs, spec):
 class Engine:
   """Batched C3PO on one model. All public methods take params first."""
 
-  def __init__(self, config: OlmoeConfig, ec: EngineConfig, loss_backend=NaiveLoss):
+  def __init__(self, config: OlmoeConfig, ec: EngineConfig, loss_backend=prefix_cache.PrefixLoss):
     if ec.loss not in LOSS_KINDS:
       raise ValueError(f'loss={ec.loss!r}, expected one of {LOSS_KINDS}')
     self.config = config
     self.ec = ec
-    self._loss_backend = loss_backend
+    self.loss_backend = loss_backend
     self.analyze = jax.jit(functools.partial(scoring.analyze, config=config))
     self.analyze_remixed = jax.jit(self._analyze_remixed)
     self.prepare = jax.jit(self._prepare)
@@ -110,18 +114,18 @@ class Engine:
 
   def _prepare(self, params, data):
     """Per-sample neighbour batches [Q, N, ...] -> the loss backend's state."""
-    fn = lambda d: self._loss_backend.prepare(params, self.config, self.ec, d)
+    fn = lambda d: self.loss_backend.prepare(params, self.config, self.ec, d)
     return jax.vmap(fn)(data)
 
   def _ngd(self, params, cs, data, weights):
     """data: `prepare`d neighbour state, [Q, N, ...]; weights [Q, N]."""
-    loss_fn = self._loss_backend.make_loss(params, self.config, self.ec)
+    loss_fn = self.loss_backend.make_loss(params, self.config, self.ec)
     q0 = jax.vmap(pw_lib.base_q)(cs)
     fn = lambda c, d, w, q: methods.ngd(loss_fn, c, d, w, q, self.ec.method)
     return jax.vmap(fn)(cs, data, weights, q0)
 
   def _kernel_regression(self, params, cs, data, weights, q_neighbours):
-    loss_fn = self._loss_backend.make_loss(params, self.config, self.ec)
+    loss_fn = self.loss_backend.make_loss(params, self.config, self.ec)
     q0 = jax.vmap(pw_lib.base_q)(cs)
     fn = lambda c, d, w, q, qn: methods.kernel_regression(loss_fn, c, d, w, q, qn, self.ec.method)
     return jax.vmap(fn)(cs, data, weights, q0, q_neighbours)
