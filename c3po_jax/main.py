@@ -54,6 +54,13 @@ flags.DEFINE_string('dtype', None, 'Cast parameters (bfloat16, float32); default
 flags.DEFINE_integer('max_len', _D.max_len, 'Longest prompt in tokens (left-truncated).')
 flags.DEFINE_string('cache_dir', _D.cache_dir, 'Reference-set cache directory.')
 flags.DEFINE_integer('num_plots', _D.num_plots, 'Routing heatmaps to draw.')
+flags.DEFINE_string(
+  'mesh_shape', None, "Per-process device mesh, e.g. 'data:4,expert:2' (default: all on data)."
+)
+flags.DEFINE_bool('multihost', False, 'jax.distributed.initialize (auto-detected on TPU VMs).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implies multihost).')
+flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run (off TPU VMs).')
+flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 (off TPU VMs).')
 
 # The embedded demo's test family and references (used when --benchmark is unset).
 DEMO_BENCHMARK = f'{DEMO_DIR}/data/test.jsonl'
@@ -99,6 +106,11 @@ def run_config_from_flags() -> RunConfig:
     max_len=F.max_len,
     cache_dir=F.cache_dir,
     num_plots=F.num_plots,
+    mesh_shape=F.mesh_shape,
+    multihost=F.multihost,
+    coordinator_address=F.coordinator_address,
+    num_processes=F.num_processes,
+    process_id=F.process_id,
   )
 
 

@@ -18,10 +18,21 @@ from tqdm.auto import tqdm
 
 from benchmarks.tasks import Example, TaskSourceError, load_examples
 from benchmarks.tasks import registry as task_registry
-from c3po_jax import embedding, engine, kernels, neighbours, plots, prompting, references, results
+from c3po_jax import (
+  distributed,
+  embedding,
+  engine,
+  kernels,
+  neighbours,
+  plots,
+  prompting,
+  references,
+  results,
+)
 from c3po_jax import methods as methods_lib
 from c3po_jax import pathway as pw_lib
 from c3po_jax.checkpoint import load_checkpoint
+from c3po_jax.hf_snapshot import read_config
 from c3po_jax.run_config import RunConfig
 from c3po_jax.scoring import ChoiceBatch, EncodedPrompt, make_batch, predictions
 from c3po_jax.tokenizer import load_tokenizer
@@ -31,7 +42,7 @@ class MissingCheckpointError(FileNotFoundError):
   pass
 
 
-def load_model(rc: RunConfig):
+def load_model(rc: RunConfig, mesh=None):
   path = os.path.expanduser(rc.checkpoint_dir)
   if not os.path.isdir(path):
     raise MissingCheckpointError(
@@ -39,7 +50,10 @@ def load_model(rc: RunConfig):
       f'  python -m c3po_jax.convert --hf_dir=PATH/TO/OLMoE-1B-7B-0924 --output_dir={path}\n'
       '(or pass --checkpoint_dir=PATH to a local HF snapshot directory, converted in memory)'
     )
-  config, params = load_checkpoint(path, dtype=rc.dtype)
+  shardings = None
+  if mesh is not None:  # Orbax restores each leaf straight into its sharding
+    shardings = distributed.param_shardings(read_config(path), mesh)
+  config, params = load_checkpoint(path, dtype=rc.dtype, shardings=shardings)
   has_tok = os.path.exists(os.path.join(path, 'tokenizer.json'))
   tokenizer = load_tokenizer(path if has_tok else None)
   return config, params, tokenizer
@@ -82,8 +96,9 @@ class Analysis:
 class Runner:
   """Holds the model, data and engine of one run; yields result rows."""
 
-  def __init__(self, rc: RunConfig, config, params, tokenizer):
+  def __init__(self, rc: RunConfig, config, params, tokenizer, mesh=None):
     self.rc, self.config, self.params, self.tokenizer = rc, config, params, tokenizer
+    self.mesh = mesh
     spec = pw_lib.PathwaySpec.make(
       config.num_hidden_layers, config.num_experts, rc.critical_layers, rc.core_experts
     )
@@ -120,9 +135,15 @@ class Runner:
 
   def batch(self, prompts, size=None) -> ChoiceBatch:
     size = size or self.rc.batch_size
-    return make_batch(
-      _pad(prompts, size), batch_size=size, num_choices=self.num_choices, max_len=self.rc.max_len
+    return self.shard(
+      make_batch(
+        _pad(prompts, size), batch_size=size, num_choices=self.num_choices, max_len=self.rc.max_len
+      )
     )
+
+  def shard(self, tree):
+    """Per-sample arrays [Q, ...] split over the mesh's data axis."""
+    return tree if self.mesh is None else distributed.shard_batch(tree, self.mesh)
 
   def analyze(self, examples, prompts, desc) -> Analysis:
     bs = self.rc.batch_size
@@ -177,7 +198,8 @@ class Runner:
         f'the base model answers none of the {len(pool)} reference samples correctly: '
         'the reference set is empty'
       )
-    references.save(cache_dir, refs, parts)
+    if jax.process_index() == 0:  # one writer when processes share cache_dir
+      references.save(cache_dir, refs, parts)
     return refs
 
 
@@ -192,22 +214,29 @@ def _pathway_record(cs, q0, q, spec) -> dict:
 
 def run(rc: RunConfig) -> dict:
   """Runs every method in rc.methods; writes results, summary and plots."""
-  config, params, tokenizer = load_model(rc)
+  distributed.initialize(rc.multihost, rc.coordinator_address, rc.num_processes, rc.process_id)
+  mesh = distributed.make_mesh(rc.mesh_shape)
+  distributed.check_batch_size(rc.batch_size, mesh)
+  config, params, tokenizer = load_model(rc, mesh)
   logging.info('model: %s', config)
   test = load_examples(rc.benchmark, split=rc.split, source=rc.source, limit=rc.max_test_samples)
   if not test:
     raise ValueError(f'no test samples in {rc.benchmark!r}')
   pool = load_references(rc) if rc.reference else []
-  runner = Runner(rc, config, params, tokenizer)
+  runner = Runner(rc, config, params, tokenizer, mesh)
+  all_test, test = test, distributed.process_share(test)  # this process's samples
   runner.test = test
-  runner.num_choices = max(len(e.choices) for e in test + pool)
-  writer = results.ResultsWriter(rc.output_dir, rc.resume)
+  runner.num_choices = max(len(e.choices) for e in all_test + pool)
+  writer = distributed.results_writer(rc.output_dir, rc.resume)
   try:
-    _run_methods(rc, runner, test, pool, writer)
+    if test:
+      _run_methods(rc, runner, test, pool, writer)
   finally:
     writer.close()
-  rows = results.read_rows(writer.path)
+  rows = distributed.collect_rows(writer.path, rc.output_dir, rc.methods, [e.id for e in all_test])
   summary = results.summarize(rows)
+  if jax.process_index() != 0:
+    return summary
   extra = {'benchmark': rc.benchmark, 'run_config': dataclasses.asdict(rc)}
   results.write_summary(rc.output_dir, summary, extra)
   print(results.format_table(summary, rc.benchmark))
@@ -288,7 +317,7 @@ def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights
 
   pidx = _pad(list(idx), bs)
   test_batch = runner.batch([prompts[i] for i in pidx])
-  cs = eng.core_slices(jnp.asarray(base.router_probs[pidx]))
+  cs = eng.core_slices(runner.shard(base.router_probs[pidx]))
   q0 = jax.vmap(pw_lib.base_q)(cs)
   extras = [{} for _ in idx]
   if method == 'mode_finding':
@@ -308,13 +337,13 @@ def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights
         nb_probs.append(refs.router_probs[int(j) if v else fill])
       nb_w.append(np.where(valid, weights[i], 0.0))
     flat = make_batch(nb_prompts, num_choices=runner.num_choices, max_len=runner.rc.max_len)
-    data = jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat)
+    data = runner.shard(jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat))
     data = eng.prepare(params, data)
-    w = jnp.asarray(np.stack(nb_w), jnp.float32)
+    w = runner.shard(np.stack(nb_w).astype(np.float32))
     if method == 'ngd':
       trace = eng.ngd(params, cs, data, w)
     else:
-      probs = jnp.asarray(np.stack(nb_probs).reshape(bs, k, *refs.router_probs.shape[1:]))
+      probs = runner.shard(np.stack(nb_probs).reshape(bs, k, *refs.router_probs.shape[1:]))
       trace, alpha = eng.kernel_regression(params, cs, data, w, eng.neighbour_q(cs, probs))
       for j in range(n):
         extras[j]['alpha'] = float(alpha[j])

@@ -24,9 +24,9 @@ class ResultsWriter:
   file is an error (nothing is overwritten).
   """
 
-  def __init__(self, output_dir: str, resume: bool):
+  def __init__(self, output_dir: str, resume: bool, filename: str = RESULTS_FILE):
     os.makedirs(output_dir, exist_ok=True)
-    self.path = os.path.join(output_dir, RESULTS_FILE)
+    self.path = os.path.join(output_dir, filename)
     self.done: set[tuple[str, str]] = set()
     if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
       if not resume:

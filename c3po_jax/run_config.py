@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from c3po_jax import distributed
+
 METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
 
 
@@ -49,6 +51,12 @@ class RunConfig:
   max_len: int = 2048
   cache_dir: str = '~/.cache/c3po_jax'
   num_plots: int = 4
+  # Scale-out (c3po_jax/distributed.py).
+  mesh_shape: str | None = None  # per-process mesh, e.g. 'data:4,expert:2'; default all on data
+  multihost: bool = False  # jax.distributed.initialize (arguments auto-detected on TPU VMs)
+  coordinator_address: str | None = None  # host:port of process 0, off TPU VMs
+  num_processes: int | None = None
+  process_id: int | None = None
 
   def __post_init__(self):
     unknown = set(self.methods) - set(METHODS)
@@ -63,3 +71,4 @@ class RunConfig:
       raise ValueError(f'methods {sorted(needs_refs)} need --reference sources')
     if self.batch_size < 1 or self.k < 1:
       raise ValueError('batch_size and k must be >= 1')
+    distributed.parse_mesh_shape(self.mesh_shape)  # raises on a malformed spec
