@@ -204,6 +204,11 @@ def initialize(
   exchange their results through gloo collectives (JAX's default).
   """
   if not multihost and coordinator_address is None:
+    if num_processes is not None or process_id is not None:
+      raise ValueError(
+        'num_processes / process_id need coordinator_address (or multihost on a TPU VM, '
+        'where JAX finds all three)'
+      )
     return
   if jax.distributed.is_initialized():
     return

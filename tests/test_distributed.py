@@ -140,6 +140,12 @@ def test_process_share_covers_every_sample_once():
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+def test_initialize_needs_a_coordinator():
+  distributed.initialize()  # one process: nothing to do
+  with pytest.raises(ValueError, match='coordinator_address'):
+    distributed.initialize(num_processes=2, process_id=0)
+
+
 def test_results_filename():
   assert distributed.results_filename(0, 1) == results.RESULTS_FILE
   assert distributed.results_filename(0, 2) == 'results.process-0.jsonl'
