@@ -36,6 +36,13 @@ _THREADS = flags.DEFINE_integer(
 _TORCH_EXPERTS = flags.DEFINE_string(
   'torch_experts', None, "transformers' experts_implementation (None: its default)."
 )
+_CLOCK = flags.DEFINE_enum(
+  'clock',
+  'wall',
+  ['wall', 'cpu'],
+  'wall: elapsed time. cpu: CPU seconds of this process (all its threads); '
+  'steadier on a busy shared machine, comparable across frameworks with --threads=1.',
+)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the weights and tokens.')
 _ATOL = flags.DEFINE_float('atol', 1e-3, 'Largest allowed |logit difference|.')
 
@@ -131,23 +138,24 @@ def _ours(config, dispatch: str, block_size: int):
   return call
 
 
-def _median_seconds(fns, repeats: int, warmup: int) -> list[float]:
-  """Median wall time of each function, calls interleaved.
+def _median_seconds(fns, repeats: int, warmup: int, clock: str) -> list[float]:
+  """Median time of each function, calls interleaved.
 
   Interleaving (a, b, a, b, ...) exposes every function to the same
   background load, which matters on a shared machine.
   """
   import time
 
+  now = time.perf_counter if clock == 'wall' else time.process_time
   for _ in range(warmup):
     for fn in fns:
       fn()
   times = [[] for _ in fns]
   for _ in range(repeats):
     for fn, out in zip(fns, times):
-      start = time.perf_counter()
+      start = now()
       fn()
-      out.append(time.perf_counter() - start)
+      out.append(now() - start)
   return [sorted(t)[len(t) // 2] for t in times]
 
 
@@ -184,7 +192,9 @@ def main(argv):
     diff = float(np.max(np.abs(np.asarray(run_ours()) - run_torch().numpy())))  # [B, T, V]
     if not diff <= _ATOL.value:
       raise SystemExit(f'batch {b}: logits differ by {diff:.3g} > --atol={_ATOL.value}')
-    t_ours, t_torch = _median_seconds((run_ours, run_torch), _REPEATS.value, _WARMUP.value)
+    t_ours, t_torch = _median_seconds(
+      (run_ours, run_torch), _REPEATS.value, _WARMUP.value, _CLOCK.value
+    )
     n = b * _SEQ_LEN.value
     rows.append(
       dict(
@@ -205,7 +215,7 @@ def main(argv):
     f'{torch.get_num_threads()} torch threads on cores {cores}, '
     f'experts_implementation={model.config._experts_implementation}, '
     f'attn_implementation={model.config._attn_implementation}, '
-    f'dispatch={_DISPATCH.value}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}'
+    f'dispatch={_DISPATCH.value}, {_CLOCK.value} clock, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}'
   )
   print(f'{"batch":>5} {"ours tok/s":>11} {"torch tok/s":>12} {"ours/torch":>10} {"|dlogit|":>9}')
   for r in rows:
@@ -219,6 +229,7 @@ def main(argv):
         benchmark='forward_throughput',
         dispatch=_DISPATCH.value,
         block_size=_BLOCK_SIZE.value,
+        clock=_CLOCK.value,
         threads=len(cores),
         torch_threads=torch.get_num_threads(),
         torch_experts=model.config._experts_implementation,

@@ -118,29 +118,33 @@ def moe_sorted(
   g = _num_blocks(a, e, s)
   row, block_end = _block_layout(indices, e, s)
 
-  # Gather rather than scatter rows: slot -> token, empty slots -> a zero row.
+  # Slot -> token and slot -> mixing weight; empty slots point at a zero row
+  # (index N) with weight 0, so they add nothing.
   token = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)  # [A]
-  slot_token = jnp.full((g * s,), n, jnp.int32).at[row].set(token)  # [G*S]
+  slot_token = jnp.full((g * s,), n, jnp.int32).at[row].set(token).reshape(g, s)
+  slot_weight = jnp.zeros((g * s,), jnp.float32).at[row].set(weights.reshape(a)).reshape(g, s)
   x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # [N+1, D]
-  xb = x_pad[slot_token].reshape(g, s, -1)  # [G, S, D]
   block_expert = jnp.searchsorted(block_end, jnp.arange(g), side='right')  # [G]
   used = block_expert < e  # trailing blocks hold no assignment
   block_expert = jnp.minimum(block_expert, e - 1)
 
-  def run_block(args):
-    xg, eg, ug = args  # [S, D], [], []
+  def run_block(out, args):
+    tokens, w, expert, is_used = args  # [S], [S], [], []
 
-    def compute(xg, eg):
-      return _swiglu(xg, moe['gate'][eg], moe['up'][eg], moe['down'][eg])
+    def compute():
+      xg = x_pad[tokens]  # [S, D]
+      return _swiglu(xg, moe['gate'][expert], moe['up'][expert], moe['down'][expert])
 
-    return jax.lax.cond(ug, compute, lambda xg, eg: jnp.zeros_like(xg), xg, eg)
+    y = jax.lax.cond(is_used, compute, lambda: jnp.zeros((s, x.shape[1]), x.dtype))  # [S, D]
+    return out.at[tokens].add(y.astype(jnp.float32) * w[:, None]), None
 
   # A loop, not a batched einsum: indexing one expert's weights per block
-  # reads them in place, where gathering [G, D, F] copies cost more than
-  # the matmuls on CPU.
-  y = jax.lax.map(run_block, (xb, block_expert, used)).reshape(g * s, -1)  # [G*S, D]
-  y = y[row].reshape(n, k, -1).astype(jnp.float32)  # [N, K, D]
-  return jnp.einsum('nkd,nk->nd', y, weights).astype(x.dtype)
+  # reads them in place (gathering [G, D, F] copies costs more than the
+  # matmuls on CPU), and each block's rows are gathered and its weighted
+  # outputs accumulated in place, so no [G*S, D] buffer is ever written.
+  out = jnp.zeros((n + 1, x.shape[1]), jnp.float32)
+  out, _ = jax.lax.scan(run_block, out, (slot_token, slot_weight, block_expert, used))
+  return out[:n].astype(x.dtype)
 
 
 def moe_topk(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
