@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 
+import jax
+
 from c3po_jax import pipeline, results
 from c3po_jax.run_config import RunConfig
 
@@ -45,8 +47,12 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
     )
     print(f'\n== {name} ({split}) ==')
     per_benchmark[name] = pipeline.run(sub)
+    if jax.process_index() != 0:
+      continue  # only process 0 holds the merged results (multi-process runs)
     rows = results.read_rows(os.path.join(sub.output_dir, results.RESULTS_FILE))
     all_rows += [{**r, 'id': f'{name}/{r["id"]}'} for r in rows]
+  if jax.process_index() != 0:
+    return {'benchmarks': per_benchmark, 'pooled': {}}
   pooled = results.summarize(all_rows)
   table = format_suite_table(per_benchmark, pooled)
   print('\n' + table)
