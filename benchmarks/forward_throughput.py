@@ -50,19 +50,15 @@ _ATOL = flags.DEFINE_float('atol', 1e-3, 'Largest allowed |logit difference|.')
 def _pin_cores(threads: int) -> list[int]:
   """Restricts this process to `threads` cores before either framework starts.
 
-  XLA sizes its thread pool from the affinity mask and its flag; torch from
-  set_num_threads. Both must be set before the first computation.
+  XLA sizes its CPU thread pools from the affinity mask when it starts, so
+  this must run before the first JAX computation; torch gets the same count
+  through `torch.set_num_threads`.
   """
   cores = sorted(os.sched_getaffinity(0))
   if threads:
     cores = cores[:threads]
     os.sched_setaffinity(0, cores)
-  n = len(cores)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + f' --xla_cpu_multi_thread_eigen=true'
-    f' intra_op_parallelism_threads={n}'
-  ).strip()
   return cores
 
 
@@ -175,6 +171,7 @@ def main(argv):
   params = _convert(model)
   ours = _ours(BENCH, _DISPATCH.value, _BLOCK_SIZE.value)
   rng = np.random.default_rng(_SEED.value)
+  load_before = os.getloadavg()
 
   rows = []
   for b in (int(s) for s in _BATCH_SIZES.value):
@@ -189,9 +186,12 @@ def main(argv):
     def run_ours(tokens_jax=tokens_jax):
       return jax.block_until_ready(ours(params, tokens_jax))
 
-    diff = float(np.max(np.abs(np.asarray(run_ours()) - run_torch().numpy())))  # [B, T, V]
+    want = run_torch().numpy()  # [B, T, V]
+    diff = float(np.max(np.abs(np.asarray(run_ours()) - want)))
     if not diff <= _ATOL.value:
       raise SystemExit(f'batch {b}: logits differ by {diff:.3g} > --atol={_ATOL.value}')
+    if not np.std(want) > 100 * _ATOL.value:  # a degenerate model would agree trivially
+      raise SystemExit(f'batch {b}: logits have std {np.std(want):.3g}; nothing to compare')
     t_ours, t_torch = _median_seconds(
       (run_ours, run_torch), _REPEATS.value, _WARMUP.value, _CLOCK.value
     )
@@ -206,16 +206,18 @@ def main(argv):
         ours_ms=1e3 * t_ours,
         torch_ms=1e3 * t_torch,
         max_abs_logit_diff=diff,
+        logit_std=float(np.std(want)),
       )
     )
 
-  load = os.getloadavg()  # 1, 5, 15 minutes, at the end of the timed runs
+  load_after = os.getloadavg()
   print(
-    f'jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, '
-    f'{torch.get_num_threads()} torch threads on cores {cores}, '
-    f'experts_implementation={model.config._experts_implementation}, '
-    f'attn_implementation={model.config._attn_implementation}, '
-    f'dispatch={_DISPATCH.value}, {_CLOCK.value} clock, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}'
+    f'jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
+    f'({torch.get_num_threads()} threads), cores {cores}; '
+    f'transformers experts={model.config._experts_implementation} '
+    f'attention={model.config._attn_implementation}; ours dispatch={_DISPATCH.value}; '
+    f'{_CLOCK.value} clock; load average (1 min) {load_before[0]:.2f} before, '
+    f'{load_after[0]:.2f} after'
   )
   print(f'{"batch":>5} {"ours tok/s":>11} {"torch tok/s":>12} {"ours/torch":>10} {"|dlogit|":>9}')
   for r in rows:
@@ -233,7 +235,8 @@ def main(argv):
         threads=len(cores),
         torch_threads=torch.get_num_threads(),
         torch_experts=model.config._experts_implementation,
-        load_average=[round(x, 2) for x in load],
+        load_average_before=[round(x, 2) for x in load_before],
+        load_average_after=[round(x, 2) for x in load_after],
         rows=rows,
       )
     )
