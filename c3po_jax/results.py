@@ -115,7 +115,7 @@ def _order(method: str) -> int:
 def format_table(summary: dict, benchmark: str) -> str:
   """A Table-1-style text table (accuracy in %)."""
   head = (
-    f'{"method":<18} {benchmark[:14]:>14} {"acc_norm":>9} {"vs base":>8} '
+    f'{"method":<18} {_short(benchmark):>14} {"acc_norm":>9} {"vs base":>8} '
     f'{"+":>4} {"-":>4} {"p":>7} {"NaN":>4} {"s/sample":>9}'
   )
   lines = [head, '-' * len(head)]
@@ -130,6 +130,14 @@ def format_table(summary: dict, benchmark: str) -> str:
   n = max((s['n'] for s in summary.values()), default=0)
   lines.append(f'({n} test samples; +/-: answers fixed/broken versus base; p: exact McNemar)')
   return '\n'.join(lines)
+
+
+def _short(benchmark: str) -> str:
+  """A column title: the name of a registry benchmark or of a JSONL file."""
+  name = os.path.basename(benchmark)
+  for ext in ('.jsonl.gz', '.jsonl'):
+    name = name.removesuffix(ext)
+  return name[:14]
 
 
 def write_summary(output_dir: str, summary: dict, extra: dict) -> str:
