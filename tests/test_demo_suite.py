@@ -242,3 +242,88 @@ def test_shipped_suite_regenerates_from_its_seed(tmp_path):
       with open(os.path.join(SHIPPED, 'suite', name), 'rb') as f:
         assert hashlib.sha256(f.read()).hexdigest() == info['sha256'], name
   assert np.all([b == shipped['benchmarks'][k] for k, b in manifest['benchmarks'].items()])
+
+
+@pytest.fixture(scope='module')
+def tok(small):
+  return tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in small.train_text)
+
+
+def test_scorer_matches_unpadded_forward(small, tok):
+  import jax
+  import jax.numpy as jnp
+
+  from c3po_jax.demo import scoring
+  from models.olmoe import transformer
+  from models.olmoe.config import TINY
+
+  config = TINY.replace(vocab_size=-(-tok.get_vocab_size() // 64) * 64)
+  params = transformer.init_params(config, jax.random.PRNGKey(0))
+  rows = small.records['cmp_greatest', 'dev'][:5]
+  # Two batches of 4: the second has filler rows; prompts are right-padded.
+  got = scoring.letter_log_probs(params, config, tok, rows, batch_size=4, max_len=64)
+  letters = jnp.asarray(tokenizer_lib.letter_token_ids(tok))
+  for r, lp in zip(rows, got):
+    ids = tok.encode(prompts.format_mc(r['question'], r['choices'])).ids
+    logits = transformer.forward(params, jnp.asarray([ids]), config=config).logits[0, -1]
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[letters], atol=1e-5)
+  preds = scoring.predictions(got, rows)
+  for p, lp, r in zip(preds, got, rows):
+    assert p == int(np.argmax(lp[: len(r['choices'])]))
+
+
+def test_documents_weight_the_answer_letter(small, tok):
+  from c3po_jax.demo import data
+
+  docs = [d for d in small.train_text if d['target']][:3]
+  docs.append(next(d for d in small.train_text if not d['target']))
+  out = data.tokenize_documents(tok, docs, eos_id=1, answer_weight=7.0)
+  letters = tokenizer_lib.letter_token_ids(tok)
+  for d, (ids, w) in zip(docs, out):
+    n = len(tok.encode(d['text']).ids)
+    assert ids[-1] == 1 and len(w) == len(ids) - 1
+    if d['target']:
+      assert ids[n] in letters and w[n - 1] == 7.0 and np.sum(w != 1) == 1
+    else:
+      assert np.all(w == 1)
+  buckets = data.make_buckets(out, (40, 48, 56, 64), batch_tokens=48)
+  seen = 0
+  for batch in data.epoch_batches(buckets, np.random.default_rng(0)):
+    real = batch.mask[:, 1:] == 1
+    np.testing.assert_array_equal(batch.targets[:, :-1][real], batch.inputs[:, 1:][real])
+    assert np.all(batch.weights[batch.mask == 0] == 0)
+    seen += int(np.sum(batch.weights > 0))
+  assert seen == sum(len(w) for _, w in out)
+
+
+def test_load_balance_loss():
+  import jax
+  import jax.numpy as jnp
+
+  from c3po_jax.demo import train
+
+  layers, b, t, e, k = 2, 3, 4, 8, 2
+  mask = jnp.ones((b, t), jnp.int32).at[0, 2:].set(0)
+  uniform = jnp.full((layers, b, t, e), 1 / e)
+  assert float(train.load_balance_loss(uniform, mask, k)) == pytest.approx(1.0)
+  # Collapsed on expert 0: E * (1/2 * 1) = E / k.
+  collapsed = jnp.zeros((layers, b, t, e)).at[..., 0].set(1.0)
+  assert float(train.load_balance_loss(collapsed, mask, k)) == pytest.approx(e / k)
+  # Padding does not count: garbage at masked positions changes nothing.
+  noisy = collapsed.at[:, 0, 2:].set(jax.random.uniform(jax.random.PRNGKey(0), (layers, 2, e)))
+  assert float(train.load_balance_loss(noisy, mask, k)) == pytest.approx(e / k)
+
+
+@pytest.mark.skipif(
+  not os.path.isfile(os.path.join(SHIPPED, 'demo.json')), reason='no shipped demo checkpoint'
+)
+def test_shipped_checkpoint_reproduces_its_dev_accuracy():
+  from c3po_jax.demo import evaluate
+
+  with open(os.path.join(SHIPPED, 'demo.json')) as f:
+    recorded = json.load(f)['dev_accuracy']
+  got = evaluate.evaluate(SHIPPED, 'dev')
+  assert set(got) == set(recorded)
+  for family, acc in got.items():
+    # One question of slack (100 per family) for float differences across CPUs.
+    assert abs(acc - recorded[family]) <= 0.011, (family, acc, recorded[family])

@@ -266,6 +266,26 @@ class Progression(Family):
     return Question(question, choices, answer)
 
 
+def drill_question(rng: np.random.Generator, values: Sequence[str]) -> Question:
+  """A format drill: find the option that repeats the question's value.
+
+  Training-only. It teaches the one step every family shares in the mc format
+  (bind the value to its option letter, then say the letter), which a small
+  model otherwise learns only after a long plateau.
+  """
+  n = int(rng.integers(2, 6))
+  picked = [values[i] for i in rng.choice(len(values), size=n, replace=False)]
+  choices, answer = shuffled_choices(rng, picked[0], picked[1:])
+  return Question(f'Which choice is {picked[0]}?', choices, answer)
+
+
+def drill_values(families: Sequence[Family]) -> list[str]:
+  """Every kind of choice text of the families: numbers, words, statements."""
+  facts = next(f for f in families if isinstance(f, Facts))
+  phrases = [f'it {v}' for v in ('is red', 'lives in Tarn', 'eats figs')]
+  return [str(i) for i in range(100)] + [*COLORS, *TOWNS, *FOODS, *facts.entities, *phrases]
+
+
 def make_families(rng: np.random.Generator) -> tuple[Family, ...]:
   """The four families of the suite (the fact table is drawn from rng)."""
   return (Arithmetic(), Facts(rng), Compare(), Progression())

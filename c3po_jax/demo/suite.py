@@ -13,7 +13,9 @@ reference sources. Splits, per family:
               questions need (the fact table, the arithmetic) is taught through
               the reference phrasings, so the model is partly right on the test
               phrasing and its router was fitted mostly to other phrasings.
-              The facts family adds plain statements of the fact table.
+              The facts family adds plain statements of the fact table, and
+              a format drill ('Which choice is 42?') teaches the letter
+              binding every family shares.
 
 No dev or test question text occurs in train or reference. Everything is a
 function of the seed; each split draws from its own named random stream.
@@ -63,6 +65,7 @@ class SuiteConfig:
   num_train: int = 25000  # per family, all its sources together
   test_train_fraction: float = 0.04  # share of the family's train items
   statement_repeats: int = 10  # copies of the fact-table statements
+  num_drill: int = 15000  # mc-format drill questions (train only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +183,17 @@ def build_suite(config: SuiteConfig = SuiteConfig()) -> Suite:
     if split == 'train'
     for r in rows
   ]
+  rng = stream(config.seed, 'drill')
+  values = families_lib.drill_values(families)
+  for _ in range(config.num_drill):
+    q = families_lib.drill_question(rng, values)
+    text.append(
+      {
+        'text': prompts.format_mc(q.question, q.choices),
+        'target': prompts.answer_text(q.answer),
+        'source': 'drill',
+      }
+    )
   rng = stream(config.seed, 'statements')
   for family in families:
     for _ in range(config.statement_repeats):

@@ -49,7 +49,7 @@ class TrainConfig:
   learning_rate: float = 3e-3
   warmup_steps: int = 100
   weight_decay: float = 0.01
-  answer_weight: float = 4.0
+  answer_weight: float = 10.0
   aux_loss_coef: float = 0.01
   vocab_size: int = 1024  # tokenizer target; the model rounds up to 64
   num_layers: int = 6
