@@ -42,8 +42,9 @@ class NaiveLoss:
 
   A loss backend has two parts: `prepare(params, config, ec, data)` turns a
   neighbour ChoiceBatch [N, ...] into whatever the loss needs (run once per
-  sample, outside the optimization; here the batch itself), and
-  `make_loss(params, config, ec)` returns loss_fn(q, cs, prepared, weights).
+  sample, outside the optimization; here the batch itself), each neighbour
+  on its own and with N first on every leaf; and `make_loss(params, config,
+  ec)` returns loss_fn(q, cs, prepared, weights).
   """
 
   @staticmethod
@@ -113,9 +114,15 @@ class Engine:
     )
 
   def _prepare(self, params, data):
-    """Per-sample neighbour batches [Q, N, ...] -> the loss backend's state."""
-    fn = lambda d: self.loss_backend.prepare(params, self.config, self.ec, d)
-    return jax.vmap(fn)(data)
+    """Per-sample neighbour batches [Q, N, ...] -> the loss backend's state.
+
+    Neighbours are prepared independently, so all Q * N go through as one
+    batch: one large forward pass rather than Q small ones under vmap.
+    """
+    q, n = data.tokens.shape[:2]
+    flat = jax.tree.map(lambda x: x.reshape((q * n,) + x.shape[2:]), data)
+    out = self.loss_backend.prepare(params, self.config, self.ec, flat)
+    return jax.tree.map(lambda x: x.reshape((q, n) + x.shape[1:]), out)
 
   def _ngd(self, params, cs, data, weights):
     """data: `prepare`d neighbour state, [Q, N, ...]; weights [Q, N]."""

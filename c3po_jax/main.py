@@ -10,8 +10,8 @@ import dataclasses
 
 from absl import app, flags, logging
 
-from c3po_jax import pipeline
-from c3po_jax.run_config import METHODS, RunConfig
+from c3po_jax import pipeline, suite_run
+from c3po_jax.run_config import METHODS, NGD_BACKENDS, RunConfig
 
 DEMO_DIR = 'checkpoints/demo'
 
@@ -49,6 +49,15 @@ flags.DEFINE_float(
 )
 flags.DEFINE_float('mode_alpha', _D.mode_alpha, 'Mode finding step: q <- a q + (1 - a) q_bar.')
 flags.DEFINE_integer('mode_iters', _D.mode_iters, 'Mode finding iterations.')
+flags.DEFINE_enum(
+  'ngd_backend', _D.ngd_backend, list(NGD_BACKENDS), 'Neighbour loss: prefix-cached or naive.'
+)
+flags.DEFINE_integer(
+  'prefix_cache_size',
+  _D.prefix_cache_size,
+  'References whose prefix states are kept across batches (LRU; 0: off). Each holds keys and'
+  ' values of the layers from the first critical one on: 2 x layers x tokens x kv_width values.',
+)
 flags.DEFINE_integer('batch_size', _D.batch_size, 'Test samples per jitted batch.')
 flags.DEFINE_string('dtype', None, 'Cast parameters (bfloat16, float32); default as stored.')
 flags.DEFINE_integer('max_len', _D.max_len, 'Longest prompt in tokens (left-truncated).')
@@ -62,18 +71,22 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implie
 flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run (off TPU VMs).')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 (off TPU VMs).')
 
-# The embedded demo's test family and references (used when --benchmark is unset).
-DEMO_BENCHMARK = f'{DEMO_DIR}/data/test.jsonl'
-DEMO_REFERENCE = (f'{DEMO_DIR}/data/reference.jsonl',)
+flags.DEFINE_string(
+  'suite', None, 'A suite directory (suite.json): run every benchmark in it with its references.'
+)
+flags.DEFINE_string('suite_split', 'test', 'Suite split to evaluate (dev: for choosing settings).')
+
+# The embedded demo suite, run when neither --benchmark nor --suite is given.
+DEMO_SUITE = f'{DEMO_DIR}/suite'
+DEMO_MAX_TEST_SAMPLES = 100
 
 
 def run_config_from_flags() -> RunConfig:
   layers = [int(x) for x in F.critical_layers]
-  demo = F.benchmark is None
   return RunConfig(
     checkpoint_dir=F.checkpoint_dir,
-    benchmark=DEMO_BENCHMARK if demo else F.benchmark,
-    reference=tuple(F.reference or (DEMO_REFERENCE if demo else ())),
+    benchmark=F.benchmark or '(suite)',
+    reference=tuple(F.reference or ('(suite)',)),
     methods=tuple(F.methods),
     output_dir=F.output_dir,
     split=F.split,
@@ -101,6 +114,8 @@ def run_config_from_flags() -> RunConfig:
     kr_alpha=F.kr_alpha,
     mode_alpha=F.mode_alpha,
     mode_iters=F.mode_iters,
+    ngd_backend=F.ngd_backend,
+    prefix_cache_size=F.prefix_cache_size,
     batch_size=F.batch_size,
     dtype=F.dtype,
     max_len=F.max_len,
@@ -118,7 +133,14 @@ def main(argv):
   del argv
   rc = run_config_from_flags()
   logging.info('run config: %s', dataclasses.asdict(rc))
-  pipeline.run(rc)
+  suite = F.suite or (DEMO_SUITE if F.benchmark is None else None)
+  if suite == DEMO_SUITE and F.max_test_samples is None:
+    # The embedded demo's default size: finishes in minutes on 2 CPU cores.
+    rc = dataclasses.replace(rc, max_test_samples=DEMO_MAX_TEST_SAMPLES)
+  if suite:
+    suite_run.run_suite(rc, suite, F.suite_split)
+  else:
+    pipeline.run(rc)
 
 
 if __name__ == '__main__':

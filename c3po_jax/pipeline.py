@@ -35,6 +35,7 @@ from c3po_jax.checkpoint import load_checkpoint
 from c3po_jax.hf_snapshot import read_config
 from c3po_jax.run_config import RunConfig
 from c3po_jax.scoring import ChoiceBatch, EncodedPrompt, make_batch, predictions
+from c3po_jax.state_cache import StateCache
 from c3po_jax.tokenizer import load_tokenizer
 
 
@@ -121,7 +122,13 @@ class Runner:
         opt_pathway_mode=rc.opt_pathway_mode,
         eval_pathway_mode=rc.eval_pathway_mode,
       ),
+      loss_backend=engine.BACKENDS[rc.ngd_backend],
     )
+    # Prepared neighbour states of recurring references, by (task, id, fmt).
+    self.states = None
+    if rc.ngd_backend == 'prefix' and rc.prefix_cache_size:
+      fit = self.engine.loss_backend.fit
+      self.states = StateCache(self.engine.prepare, fit, rc.prefix_cache_size)
     self.encoder = None if rc.embedder == 'moe' else embedding.EncoderEmbedder(rc.embedder)
     self.num_choices = 2
     self.test: list[Example] = []
@@ -328,17 +335,24 @@ def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights
     trace = eng.ngd(params, cs, data, jnp.ones((bs, 1), jnp.float32))
   else:
     k = nbh.index.shape[1]
-    nb_prompts, nb_w, nb_probs = [], [], []
+    nb_prompts, nb_w, nb_probs, nb_refs = [], [], [], []
     for i in pidx:
       valid = nbh.valid[i]
       fill = int(nbh.index[i][valid][0]) if valid.any() else 0
       for j, v in zip(nbh.index[i], valid):
         nb_prompts.append(ref_prompts[int(j) if v else fill])
         nb_probs.append(refs.router_probs[int(j) if v else fill])
+        nb_refs.append(refs.examples[int(j) if v else fill])
       nb_w.append(np.where(valid, weights[i], 0.0))
-    flat = make_batch(nb_prompts, num_choices=runner.num_choices, max_len=runner.rc.max_len)
+    nc, ml = runner.num_choices, runner.rc.max_len
+    if runner.states is None:
+      flat = make_batch(nb_prompts, num_choices=nc, max_len=ml)
+    else:  # already prepared: [Q * N, ...]
+      keys = [(e.task, e.id, runner.rc.fmt) for e in nb_refs]
+      flat = runner.states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
     data = runner.shard(jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat))
-    data = eng.prepare(params, data)
+    if runner.states is None:
+      data = eng.prepare(params, data)
     w = runner.shard(np.stack(nb_w).astype(np.float32))
     if method == 'ngd':
       trace = eng.ngd(params, cs, data, w)

@@ -32,8 +32,12 @@ import jax.numpy as jnp
 
 from c3po_jax import pathway as pw_lib
 from c3po_jax import scoring
-from models.olmoe import layers, transformer
+from models.olmoe import layers, routing, transformer
+from models.olmoe import moe as moe_lib
 from models.olmoe.config import OlmoeConfig
+
+# Masked attention scores, as in `layers.attend`: finite, so no NaN.
+_MASKED = -1e30
 
 
 @flax.struct.dataclass
@@ -175,6 +179,90 @@ def _shared_normalizer(st: PrefixState) -> bool:
   return st.x.shape[1] == 1 and st.window == 1
 
 
+def _mix_all_experts(moe: dict, x: jax.Array, combine: jax.Array) -> jax.Array:
+  """`moe.moe_dense` as expert-batched matmuls: x [N, D], combine [N, E] -> [N, D].
+
+  Each expert's weights are one operand of a batched matmul over E, read as
+  stored; `moe_dense`'s einsums make XLA re-lay them out on every call.
+  """
+  dims = (((2,), (1,)), ((0,), (0,)))  # contract D (then F), batch over E
+  xe = jnp.broadcast_to(x[None], (moe['gate'].shape[0],) + x.shape)  # [E, N, D]
+  gate = jax.lax.dot_general(xe, moe['gate'].astype(x.dtype), dims)  # [E, N, F]
+  up = jax.lax.dot_general(xe, moe['up'].astype(x.dtype), dims)
+  a = jax.nn.silu(gate) * up
+  a = (a.astype(jnp.float32) * combine.T[..., None]).astype(x.dtype)  # [E, N, F]
+  y = jax.lax.dot_general(a, moe['down'].astype(x.dtype), dims)  # [E, N, D]
+  return jnp.sum(y.astype(jnp.float32), axis=0).astype(x.dtype)
+
+
+def _window_moe(p, h, config: OlmoeConfig, pathway, pathway_mode: str):
+  """`transformer.moe_block` on window tokens h [NS, U, D]; the pathway token is index 0.
+
+  A window is a few tokens per neighbour. With few assignments every expert
+  runs on every window token (each expert's weights read once for the whole
+  batch under vmap) and the top-k weights, zero elsewhere, mix them:
+  gathering each assignment's expert weights instead is memory-bound, and
+  slower. Many tokens (rc) take the model's sorted dispatch.
+  """
+  ns, u, d = h.shape
+  e, k = config.num_experts, config.num_experts_per_tok
+  _, probs = routing.router_probs(h, p['router'])
+  if pathway is not None:
+    probs = routing.override_last_token(probs, jnp.zeros((ns,), jnp.int32), pathway)
+  weights, indices = routing.top_k(probs, k, config.norm_topk_prob)  # [NS, U, K]
+  dense_row = None
+  if pathway is not None and pathway_mode == 'dense':
+    w = jnp.maximum(pathway.astype(jnp.float32), 0.0)
+    dense_row = w / jnp.sum(w, axis=-1, keepdims=True)  # [NS, E]
+  if ns * u * k <= e:
+    combine = routing.combine_weights(weights, indices, e)  # [NS, U, E]
+    if dense_row is not None:
+      combine = combine.at[:, 0].set(dense_row)
+    out = _mix_all_experts(p, h.reshape(ns * u, d), combine.reshape(ns * u, e))
+    return out.reshape(ns, u, d)
+  out = moe_lib.moe_topk(h.reshape(ns * u, d), weights.reshape(-1, k), indices.reshape(-1, k), p)
+  out = out.reshape(ns, u, d)
+  if dense_row is not None:
+    out = out.at[:, 0].set(_mix_all_experts(p, h[:, 0], dense_row))
+  return out
+
+
+def _window_attend(q, k, v, cache: transformer.LayerCache, slots, key_valid) -> jax.Array:
+  """Causal attention of the window over the cached prefix and the window itself.
+
+  `layers.attend` with the window's keys in place of the cached ones at their
+  slots, without writing them there: the prefix (cached slots before the
+  window, p = slots[:, 0]) and the window are scored apart and share one
+  softmax. q [B, U, H, Dh]; k, v [B, U, KV, Dh]; cache k, v [B, T, KV, Dh];
+  slots [B, U]; key_valid [B, T]. Returns [B, U, H*Dh].
+  """
+  b, u, h, dh = q.shape
+  kv, t = k.shape[2], cache.k.shape[1]
+  q = q.reshape(b, u, kv, h // kv, dh)  # [B, U, KV, G, Dh]
+  pre = jnp.einsum('bukgd,btkd->bkgut', q, cache.k).astype(jnp.float32) * dh**-0.5
+  win = jnp.einsum('bukgd,bwkd->bkguw', q, k).astype(jnp.float32) * dh**-0.5
+  pre_ok = (jnp.arange(t)[None, :] < slots[:, :1]) & key_valid  # [B, T]
+  win_valid = jnp.take_along_axis(key_valid, jnp.minimum(slots, t - 1), axis=1) & (slots < t)
+  win_ok = (jnp.arange(u)[None, :] <= jnp.arange(u)[:, None])[None] & win_valid[:, None, :]
+  pre = jnp.where(pre_ok[:, None, None, None, :], pre, _MASKED)  # [B, KV, G, U, T]
+  win = jnp.where(win_ok[:, None, None], win, _MASKED)  # [B, KV, G, U, U]
+  probs = jax.nn.softmax(jnp.concatenate([pre, win], axis=-1), axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgut,btkd->bukgd', probs[..., :t], cache.v)
+  out = out + jnp.einsum('bkguw,bwkd->bukgd', probs[..., t:], v)
+  return out.reshape(b, u, h * dh)
+
+
+def _window_layer(
+  p, x, config: OlmoeConfig, *, positions, slots, key_valid, cache, pathway, pathway_mode
+):
+  """`transformer.decoder_layer` on the window x [NS, U, D] over cached keys."""
+  h = layers.rms_norm(x, p['input_norm'], config.rms_norm_eps)
+  q, k, v = layers.qkv(p['attn'], h, positions, config)
+  x = x + _window_attend(q, k, v, cache, slots, key_valid) @ p['attn']['o']
+  h = layers.rms_norm(x, p['post_attn_norm'], config.rms_norm_eps)
+  return x + _window_moe(p['moe'], h, config, pathway, pathway_mode)
+
+
 def make_loss(params, config: OlmoeConfig, ec):
   """loss_fn(q [C, Kc], cs, st: PrefixState [N, ...], weights [N]) -> scalar."""
   first = min(ec.spec.layers)
@@ -186,21 +274,18 @@ def make_loss(params, config: OlmoeConfig, ec):
     ns = n * s
     x = _flat(st.x)  # [NS, U, D]
     key_valid, positions, slots = _flat(st.key_valid), _flat(st.positions), _flat(st.slots)
-    at_start = jnp.zeros((ns,), jnp.int32)  # the pathway token is window index 0
     for j, i in enumerate(range(first, config.num_hidden_layers)):
       pw = pathway.get(i)
       if pw is not None:
         pw = jnp.broadcast_to(pw, (ns, pw.shape[-1]))
-      cache = transformer.LayerCache(k=_flat(st.k[:, :, j]), v=_flat(st.v[:, :, j]))
-      x, _, _, _ = transformer.decoder_layer(
+      x = _window_layer(
         params[transformer.layer_name(i)],
         x,
         config,
         positions=positions,
-        query_slots=slots,
+        slots=slots,
         key_valid=key_valid,
-        last_index=at_start,
-        cache=cache,
+        cache=transformer.LayerCache(k=_flat(st.k[:, :, j]), v=_flat(st.v[:, :, j])),
         pathway=pw,
         pathway_mode=ec.opt_pathway_mode,
       )

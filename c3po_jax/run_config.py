@@ -7,6 +7,7 @@ import dataclasses
 from c3po_jax import distributed
 
 METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
+NGD_BACKENDS = ('prefix', 'naive')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,10 @@ class RunConfig:
   mode_alpha: float = 0.5
   mode_iters: int = 10
   mode_neighbours: int = 10
+  # Neighbour loss: 'prefix' recomputes only what the pathway changes; 'naive'
+  # re-runs every neighbour's full forward at each step (reference).
+  ngd_backend: str = 'prefix'
+  prefix_cache_size: int = 1024  # references whose prefix states are kept (LRU; 0: off)
   # Execution.
   batch_size: int = 8
   dtype: str | None = None
@@ -71,4 +76,8 @@ class RunConfig:
       raise ValueError(f'methods {sorted(needs_refs)} need --reference sources')
     if self.batch_size < 1 or self.k < 1:
       raise ValueError('batch_size and k must be >= 1')
+    if self.ngd_backend not in NGD_BACKENDS:
+      raise ValueError(f'ngd_backend={self.ngd_backend!r}, expected one of {NGD_BACKENDS}')
+    if self.prefix_cache_size < 0:
+      raise ValueError(f'prefix_cache_size={self.prefix_cache_size} must be >= 0')
     distributed.parse_mesh_shape(self.mesh_shape)  # raises on a malformed spec

@@ -1,0 +1,359 @@
+r"""NGD speed: prefix-cached JAX NGD against naive JAX and naive PyTorch NGD.
+
+One run, one random model (the `bench` preset: OLMoE's 16 layers, 64 experts,
+top-8, at hidden size 256), one problem: Q test prompts of T tokens, each with
+k neighbours of T tokens (mc format, 4 choices), NGD on the top-n core experts
+of the last C layers, Adam with a cosine schedule on the logits of q, the
+choice cross-entropy loss. Seconds per test sample of:
+
+  base        a jitted forward of the test prompts (full logits), batch of Q
+  base_b1     the same, one prompt at a time (batch of 1)
+  ngd         our NGD: prefix-cached loss (`prefix_cache.PrefixLoss`), Q
+              samples in one jitted call, preparing the neighbours included
+  ngd_warm    the same with the neighbours' prefix states already prepared
+              (references recurring across test samples: the LRU's hits)
+  ngd_dense   ngd with the pathway mixed densely while optimizing
+  naive_jax   the same engine with `engine.NaiveLoss`: every step re-runs
+              every neighbour's full forward and backward
+  torch       naive NGD in PyTorch on transformers' `OlmoeForCausalLM` with
+              the same weights: the public C3PO code's override (the last
+              position's router-probability row replaced by the candidate
+              pathway, renormalized, top-k on it) by wrapping the critical
+              layers' MoE blocks of this model instance; weights frozen;
+              torch.optim.Adam with the same cosine schedule; one sample at a
+              time, each step a forward and backward of its k neighbours
+
+JAX programs are compiled ahead of time (compile time reported apart), so no
+timing includes compilation; PyTorch runs one untimed step first. The torch
+trace of the first sample is compared with ours (losses per step, final q).
+
+  python -m benchmarks.ngd_speed
+
+Prints a table and one JSON line (keys base_s, ngd_s, naive_jax_s,
+torch_naive_s and their ratios). The load average is printed with it: on a
+shared machine, compare figures only from one run.
+
+Dimensions: Q test samples, N = k neighbours, T tokens, C critical layers,
+Kc core experts, E experts, V vocab.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 8, 'Test samples Q in one batch.')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'Tokens per prompt (test and neighbours).')
+_K = flags.DEFINE_integer('k', 3, 'Neighbours per test sample.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'NGD steps.')
+_CRITICAL = flags.DEFINE_integer('critical_layers', 5, 'The last C layers are optimized.')
+_CORE = flags.DEFINE_integer('core_experts', 20, 'Core experts per critical layer.')
+_MODE = flags.DEFINE_enum(
+  'opt_pathway_mode', 'topk', ['topk', 'dense'], 'Pathway mode while optimizing (torch: topk).'
+)
+_ALSO_DENSE = flags.DEFINE_bool('also_dense', True, "Also time our NGD in 'dense' mode.")
+_TORCH_SAMPLES = flags.DEFINE_integer('torch_samples', 1, 'Test samples run by PyTorch.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls of base and ngd (median).')
+_THREADS = flags.DEFINE_integer('threads', 0, 'CPU cores for both frameworks; 0: all.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of weights and tokens.')
+
+NUM_CHOICES = 4
+
+
+def _pin_cores(threads: int) -> list[int]:
+  """Restricts this process to `threads` cores before either framework starts."""
+  cores = sorted(os.sched_getaffinity(0))
+  if threads:
+    cores = cores[:threads]
+    os.sched_setaffinity(0, cores)
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=true'
+    f' intra_op_parallelism_threads={len(cores)}'
+  ).strip()
+  return cores
+
+
+def _models(seed: int):
+  """A random HF OLMoE (`bench` preset, float32, frozen) and its weights as our tree."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from transformers import OlmoeConfig as HFOlmoeConfig
+  from transformers import OlmoeForCausalLM
+
+  from c3po_jax.param_mapping import ParamAssembler
+  from models.olmoe import transformer
+  from models.olmoe.config import BENCH
+
+  kwargs = {
+    k: v for k, v in BENCH.to_hf_config().items() if k not in ('architectures', 'model_type')
+  }
+  torch.manual_seed(seed)
+  model = OlmoeForCausalLM(HFOlmoeConfig(**kwargs)).eval().requires_grad_(False)
+  assembler = ParamAssembler(transformer.param_shapes(BENCH), np.float32)
+  for name, tensor in model.state_dict().items():
+    assembler.add(name, tensor.detach().float().numpy())
+  return model, jax.tree.map(jnp.asarray, assembler.finish())
+
+
+def _problem(rng, q: int, k: int, t: int, vocab: int):
+  """Test tokens [Q, T], neighbour prompts (Q*k, mc), kernel weights [Q, k]."""
+  import numpy as np
+
+  from c3po_jax.scoring import EncodedPrompt
+
+  letters = tuple((int(x),) for x in rng.choice(vocab, NUM_CHOICES, replace=False))
+  tokens = rng.integers(0, vocab, (q, t), dtype=np.int32)
+  neighbours = [
+    EncodedPrompt(
+      context=tuple(int(x) for x in rng.integers(0, vocab, t)),
+      continuations=letters,
+      gold=int(rng.integers(NUM_CHOICES)),
+      cont_chars=(1,) * NUM_CHOICES,
+      fmt='mc',
+    )
+    for _ in range(q * k)
+  ]
+  w = rng.uniform(0.2, 1.0, (q, k)).astype(np.float32)
+  return tokens, neighbours, w / w.sum(axis=1, keepdims=True)
+
+
+def _compile(jitted, *args):
+  """Ahead-of-time compilation: (compiled, seconds)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  import jax
+
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
+def _c3po_moe(torch, block, state: dict, layer: int):
+  """transformers' MoE block with the public C3PO last-position override.
+
+  Router softmax in float32; the last position's row replaced by
+  state[layer] (zeros set to 1e-10) over its sum; top-k on the replaced row;
+  then the block's own experts. Wraps one module instance.
+  """
+
+  class C3poMoe(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.block = block
+
+    def forward(self, hidden_states):
+      b, t, d = hidden_states.shape
+      gate = self.block.gate
+      flat = hidden_states.reshape(-1, d)
+      logits = torch.nn.functional.linear(flat, gate.weight)
+      probs = torch.softmax(logits, dim=-1, dtype=torch.float).reshape(b, t, -1).clone()
+      w = state[layer].float()
+      w = torch.where(w > 0, w, torch.full_like(w, 1e-10))
+      probs[:, -1, :] = w / w.sum(dim=-1, keepdim=True)
+      top_w, top_i = torch.topk(probs, gate.top_k, dim=-1)
+      if gate.norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+      top_w = top_w.to(logits.dtype)
+      out = self.block.experts(flat, top_i.reshape(b * t, -1), top_w.reshape(b * t, -1))
+      return out.reshape(b, t, d)
+
+  return C3poMoe()
+
+
+def _torch_ngd(
+  torch, model, state, layers, tokens, letters, gold, w, base, core, steps, lr, lr_end
+):
+  """Naive NGD of one test sample: (q [C, Kc], losses [steps + 1]).
+
+  tokens [k, T] of its neighbours; base [C, E] and core [C, Kc] its routing.
+  """
+  import math
+
+  mass = torch.gather(base, 1, core).sum(dim=1, keepdim=True)  # [C, 1]
+  theta = torch.log(torch.gather(base, 1, core) / mass).clone().requires_grad_(True)
+  opt = torch.optim.Adam([theta], lr=lr)
+
+  def loss_fn():
+    q = torch.softmax(theta, dim=-1)
+    full = base.scatter(1, core, q * mass)  # [C, E]
+    for i, layer in enumerate(layers):
+      state[layer] = full[i].expand(tokens.shape[0], -1)
+    logits = model(input_ids=tokens, logits_to_keep=1, use_cache=False).logits[:, -1]  # [k, V]
+    scores = torch.log_softmax(logits.float(), dim=-1)[:, letters]  # [k, choices]
+    per = torch.logsumexp(scores, dim=-1) - scores[torch.arange(len(gold)), gold]
+    return (w * per).sum() / w.sum()
+
+  losses = []
+  for step in range(steps):
+    cos = 0.5 * (1 + math.cos(math.pi * step / steps))
+    opt.param_groups[0]['lr'] = lr * ((1 - lr_end / lr) * cos + lr_end / lr)
+    opt.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+  with torch.no_grad():
+    losses.append(loss_fn().item())
+  return torch.softmax(theta, dim=-1).detach(), losses
+
+
+def main(argv):
+  del argv
+  cores = _pin_cores(_THREADS.value)
+  import json
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  from c3po_jax import engine, methods, scoring
+  from c3po_jax import pathway as pw_lib
+  from models.olmoe import transformer
+  from models.olmoe.config import BENCH
+
+  torch.set_num_threads(len(cores))
+  q, k, t = _NUM_SAMPLES.value, _K.value, _SEQ_LEN.value
+  model, params = _models(_SEED.value)
+  rng = np.random.default_rng(_SEED.value)
+  tokens, neighbours, weights = _problem(rng, q, k, t, BENCH.vocab_size)
+  tokens = jnp.asarray(tokens)
+  flat = scoring.make_batch(neighbours, num_choices=NUM_CHOICES)
+  nb = jax.tree.map(lambda x: x.reshape((q, k) + x.shape[1:]), flat)  # [Q, k, ...]
+  w = jnp.asarray(weights)
+  spec = pw_lib.PathwaySpec.make(
+    BENCH.num_hidden_layers, BENCH.num_experts, _CRITICAL.value, _CORE.value
+  )
+  mc = methods.MethodConfig(ngd_steps=_STEPS.value)
+  compile_s, rows = {}, {}
+
+  # (a) base inference.
+  def forward(params, tokens):
+    out = transformer.forward(params, tokens, config=BENCH)
+    return out.logits, out.router_probs[:, :, -1]  # [Q, T, V], [L, Q, E]
+
+  fwd, compile_s['base'] = _compile(jax.jit(forward), params, tokens)
+  rows['base'] = _median_seconds(lambda: fwd(params, tokens), _REPEATS.value) / q
+  fwd1, compile_s['base_b1'] = _compile(jax.jit(forward), params, tokens[:1])
+  rows['base_b1'] = _median_seconds(lambda: fwd1(params, tokens[:1]), _REPEATS.value)
+  base_probs = jnp.swapaxes(fwd(params, tokens)[1], 0, 1)  # [Q, L, E]
+
+  def ngd_runner(name, backend, mode):
+    ec = engine.EngineConfig(spec=spec, method=mc, loss='choice_ce', opt_pathway_mode=mode)
+    eng = engine.Engine(BENCH, ec, loss_backend=backend)
+    cs = eng.core_slices(base_probs)
+    prep, c1 = _compile(eng.prepare, params, nb)
+    data = prep(params, nb)
+    opt, c2 = _compile(eng.ngd, params, cs, data, w)
+    compile_s[name] = c1 + c2
+    return lambda: opt(params, cs, prep(params, nb), w), lambda: opt(params, cs, data, w), cs
+
+  # (b) ours and (c) naive JAX: prepare + NGD of the whole batch.
+  run_ngd, run_warm, cs = ngd_runner('ngd', engine.BACKENDS['prefix'], _MODE.value)
+  rows['ngd'] = _median_seconds(run_ngd, _REPEATS.value) / q
+  rows['ngd_warm'] = _median_seconds(run_warm, _REPEATS.value) / q
+  trace = run_ngd()
+  if _ALSO_DENSE.value and _MODE.value != 'dense':
+    run_dense, _, _ = ngd_runner('ngd_dense', engine.BACKENDS['prefix'], 'dense')
+    rows['ngd_dense'] = _median_seconds(run_dense, _REPEATS.value) / q
+  run_naive, _, _ = ngd_runner('naive_jax', engine.NaiveLoss, _MODE.value)
+  start = time.perf_counter()
+  naive_trace = jax.block_until_ready(run_naive())
+  rows['naive_jax'] = (time.perf_counter() - start) / q
+
+  # (d) naive PyTorch, one sample at a time.
+  state = {}
+  layers = model.model.layers
+  for layer in spec.layers:
+    layers[layer].mlp = _c3po_moe(torch, layers[layer].mlp, state, layer)
+  letters = [c[0] for c in neighbours[0].continuations]
+  nb_tokens = torch.from_numpy(np.asarray(flat.tokens[:, 0]).astype(np.int64)).reshape(q, k, t)
+  gold = torch.from_numpy(np.asarray(flat.gold).astype(np.int64)).reshape(q, k)
+
+  def torch_sample(i, steps):
+    return _torch_ngd(
+      torch,
+      model,
+      state,
+      spec.layers,
+      nb_tokens[i],
+      letters,
+      gold[i],
+      torch.from_numpy(weights[i]),
+      torch.from_numpy(np.array(cs.base[i])),
+      torch.from_numpy(np.asarray(cs.core[i]).astype(np.int64)),
+      steps,
+      mc.lr,
+      mc.lr_end,
+    )
+
+  torch_sample(0, 1)  # warm-up
+  n_torch = min(_TORCH_SAMPLES.value, q)
+  start = time.perf_counter()
+  torch_out = [torch_sample(i, _STEPS.value) for i in range(n_torch)]
+  rows['torch_naive'] = (time.perf_counter() - start) / n_torch
+
+  # Same computation? Sample 0's trace in the three implementations.
+  tq, tl = torch_out[0]
+  check = {
+    'naive_jax_vs_ngd_max_dloss': float(np.max(np.abs(naive_trace.losses - trace.losses))),
+    'naive_jax_vs_ngd_max_dq': float(np.max(np.abs(naive_trace.q - trace.q))),
+    'torch_vs_ngd_max_dloss': float(np.max(np.abs(np.asarray(tl) - np.asarray(trace.losses[0])))),
+    'torch_vs_ngd_max_dq': float(np.max(np.abs(tq.numpy() - np.asarray(trace.q[0])))),
+  }
+
+  load = os.getloadavg()
+  result = {f'{name}_s': round(s, 5) for name, s in rows.items()}
+  result = {
+    **result,
+    'ngd_over_base': round(rows['ngd'] / rows['base'], 3),
+    'ngd_warm_over_base': round(rows['ngd_warm'] / rows['base'], 3),
+    'torch_naive_over_ngd': round(rows['torch_naive'] / rows['ngd'], 1),
+    'naive_jax_over_ngd': round(rows['naive_jax'] / rows['ngd'], 1),
+    'compile_s': {name: round(s, 2) for name, s in compile_s.items()},
+    'check': {name: float(f'{x:.3g}') for name, x in check.items()},
+    'setup': dict(
+      num_samples=q,
+      seq_len=t,
+      k=k,
+      steps=_STEPS.value,
+      critical_layers=list(spec.layers),
+      core_experts=spec.num_core,
+      opt_pathway_mode=_MODE.value,
+      loss='choice_ce',
+      torch_samples=n_torch,
+      threads=len(cores),
+      torch_threads=torch.get_num_threads(),
+      torch_experts=model.config._experts_implementation,
+      jax=jax.__version__,
+      torch=torch.__version__,
+    ),
+    'load_average': [round(x, 2) for x in load],
+  }
+  print(
+    f'NGD speed on {len(cores)} CPU cores (load average {load[0]:.2f} {load[1]:.2f} '
+    f'{load[2]:.2f}): Q={q} samples, T={t}, k={k}, {_STEPS.value} steps, layers '
+    f'{spec.layers}, {spec.num_core} core experts, {_MODE.value} mode'
+  )
+  print(f'{"":<12} {"s / sample":>11} {"x base":>8} {"compile s":>10}')
+  for name, s in rows.items():
+    c = compile_s.get(name)
+    c = f'{c:>10.1f}' if c is not None else f'{"-":>10}'
+    print(f'{name:<12} {s:>11.4f} {s / rows["base"]:>8.2f} {c}')
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
