@@ -12,6 +12,8 @@ Dimensions: Q test samples, N neighbours.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 KERNELS = ('gaussian', 'matern', 'polynomial', 'linear')
@@ -27,7 +29,8 @@ def bandwidth(dist: np.ndarray, valid: np.ndarray, sigma) -> np.ndarray:
   """[Q, N] distances -> [Q, 1] bandwidth ('median' or a positive float)."""
   if sigma == 'median':
     masked = np.where(valid, dist, np.nan)
-    with np.errstate(all='ignore'):
+    with warnings.catch_warnings():  # rows without neighbours: NaN, replaced below
+      warnings.simplefilter('ignore', RuntimeWarning)
       med = np.nanmedian(masked, axis=-1, keepdims=True)
     return np.maximum(np.nan_to_num(med, nan=1.0), _MIN_SIGMA)
   sigma = float(sigma)
