@@ -264,6 +264,15 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       base.embeddings, refs.embeddings, k=rc.k, epsilon=rc.epsilon, max_similarity=rc.max_similarity
     )
     weights = kernels.kernel_weights(nbh.similarity, nbh.valid, kind=rc.kernel, sigma=rc.sigma)
+    lonely = int((~nbh.valid.any(axis=1)).sum())
+    if lonely:
+      logging.warning(
+        '%d of %d test samples have no neighbour (every reference is more similar than '
+        '--max_similarity=%s, or outside --epsilon): they keep the base pathway',
+        lonely,
+        len(nbh.valid),
+        rc.max_similarity,
+      )
     ref_prompts = runner.encode(refs.examples)
 
   def row(method, i, pred, norm, seconds, **extra):
@@ -366,12 +375,11 @@ def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights
   losses = np.asarray(trace.losses)
   for j, i in enumerate(idx):
     has_nb = method in ('oracle', 'mode_finding') or bool(nbh.valid[i].any())
-    if not finite[j]:
-      extras[j]['fallback'] = 'nan' if has_nb else 'no_neighbours'
-      if has_nb:
-        logging.warning(
-          '%s: non-finite step for %s; fell back to the base pathway', method, pidx[j]
-        )
+    if not has_nb:  # nothing to learn from: the pathway stays the base one
+      extras[j]['fallback'] = 'no_neighbours'
+    elif not finite[j]:
+      extras[j]['fallback'] = 'nan'
+      logging.warning('%s: non-finite step for %s; fell back to the base pathway', method, pidx[j])
     if losses.shape[-1]:
       extras[j]['losses'] = np.round(losses[j], 5).tolist()
     cs_j = jax.tree.map(lambda x, j=j: x[j], cs)
