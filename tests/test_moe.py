@@ -139,3 +139,40 @@ def test_grad_matches_dense(dispatch):
   want = grad(dense_topk, x, weights, params)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def _intermediate_shapes(jaxpr):
+  """Shapes of every value a jaxpr computes, inside loops and remat too."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval.shape for v in eqn.outvars)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, 'jaxpr', sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, 'eqns'):
+          yield from _intermediate_shapes(sub)
+
+
+def test_vmapped_grad_copies_no_expert_weights():
+  """C3PO's per-sample gradients must not copy the experts' weights per block.
+
+  Stacking one [D, F] slice per block (scan residuals), or broadcasting the
+  [E, D, F] weights over the batch (what `cond` under vmap does), would cost
+  far more than the matmuls. Only slices of at most one expert per sample
+  may appear.
+  """
+  rng = np.random.default_rng(4)
+  b, n, k, e, d, f = 3, 5, 2, 4, 8, 6
+  params = make_params(rng, e, d, f)
+  x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
+  routes = [make_routing(rng, n, k, e, 'random') for _ in range(b)]
+  weights = jnp.stack([w for w, _ in routes])  # [B, N, K]
+  indices = jnp.stack([i for _, i in routes])
+
+  def loss(x, weights):
+    out = jax.vmap(moe.moe_topk, in_axes=(0, 0, 0, None))(x, weights, indices, params)
+    return jnp.sum(out**2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, weights).jaxpr
+  for shape in _intermediate_shapes(jaxpr):
+    if shape[-2:] in ((d, f), (f, d)):
+      assert np.prod(shape) <= b * d * f, f'copy of expert weights: {shape}'

@@ -11,8 +11,7 @@ Three numerically equivalent dispatch strategies:
   (a counting sort: no argsort), then loops over the blocks, each one matmul
   with its expert's weights, read in place. Fixed shapes and no ragged ops,
   so it works under `vmap` and `grad`; FLOPs are within one block's padding
-  per expert of the sparse optimum, and blocks past the last used one are
-  skipped (except under `vmap`, where `cond` runs both branches).
+  per expert of the sparse optimum.
 
 `moe_topk` is what the model calls; it uses `moe_sorted` at every size because
 that measured fastest on CPU from a single token to thousands (see
@@ -23,6 +22,8 @@ K experts per token, A = N*K assignments, S rows per block, G blocks.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -124,26 +125,32 @@ def moe_sorted(
   slot_token = jnp.full((g * s,), n, jnp.int32).at[row].set(token).reshape(g, s)
   slot_weight = jnp.zeros((g * s,), jnp.float32).at[row].set(weights.reshape(a)).reshape(g, s)
   x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # [N+1, D]
+  # Blocks past the last used one get expert E-1; they hold only empty slots.
   block_expert = jnp.searchsorted(block_end, jnp.arange(g), side='right')  # [G]
-  used = block_expert < e  # trailing blocks hold no assignment
   block_expert = jnp.minimum(block_expert, e - 1)
 
+  # Under grad, slicing one expert's weights is recomputed in the backward
+  # pass instead of being saved per block, which would write the [G, D, F]
+  # copies this loop exists to avoid.
+  @functools.partial(
+    jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  )
+  def expert_block(xg, expert):  # [S, D], [] -> [S, D]
+    return _swiglu(xg, moe['gate'][expert], moe['up'][expert], moe['down'][expert])
+
   def run_block(out, args):
-    tokens, w, expert, is_used = args  # [S], [S], [], []
-
-    def compute():
-      xg = x_pad[tokens]  # [S, D]
-      return _swiglu(xg, moe['gate'][expert], moe['up'][expert], moe['down'][expert])
-
-    y = jax.lax.cond(is_used, compute, lambda: jnp.zeros((s, x.shape[1]), x.dtype))  # [S, D]
+    tokens, w, expert = args  # [S], [S], []
+    y = expert_block(x_pad[tokens], expert)  # [S, D]
     return out.at[tokens].add(y.astype(jnp.float32) * w[:, None]), None
 
   # A loop, not a batched einsum: indexing one expert's weights per block
   # reads them in place (gathering [G, D, F] copies costs more than the
   # matmuls on CPU), and each block's rows are gathered and its weighted
   # outputs accumulated in place, so no [G*S, D] buffer is ever written.
+  # No `cond` to skip the trailing empty blocks: under vmap it becomes a
+  # select over every operand, the expert weights included.
   out = jnp.zeros((n + 1, x.shape[1]), jnp.float32)
-  out, _ = jax.lax.scan(run_block, out, (slot_token, slot_weight, block_expert, used))
+  out, _ = jax.lax.scan(run_block, out, (slot_token, slot_weight, block_expert))
   return out[:n].astype(x.dtype)
 
 
