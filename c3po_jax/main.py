@@ -78,7 +78,7 @@ flags.DEFINE_string('suite_split', 'test', 'Suite split to evaluate (dev: for ch
 
 # The embedded demo suite, run when neither --benchmark nor --suite is given.
 DEMO_SUITE = f'{DEMO_DIR}/suite'
-DEMO_MAX_TEST_SAMPLES = 100
+DEMO_DEFAULTS = {'max_test_samples': 100, 'max_reference_samples': 200, 'batch_size': 16}
 
 
 def run_config_from_flags() -> RunConfig:
@@ -134,9 +134,10 @@ def main(argv):
   rc = run_config_from_flags()
   logging.info('run config: %s', dataclasses.asdict(rc))
   suite = F.suite or (DEMO_SUITE if F.benchmark is None else None)
-  if suite == DEMO_SUITE and F.max_test_samples is None:
+  if suite == DEMO_SUITE:
     # The embedded demo's default size: finishes in minutes on 2 CPU cores.
-    rc = dataclasses.replace(rc, max_test_samples=DEMO_MAX_TEST_SAMPLES)
+    demo = {k: v for k, v in DEMO_DEFAULTS.items() if not F[k].present}
+    rc = dataclasses.replace(rc, **demo)
   if suite:
     suite_run.run_suite(rc, suite, F.suite_split)
   else:
