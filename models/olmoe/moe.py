@@ -3,19 +3,22 @@
 Three numerically equivalent dispatch strategies:
 
 * `moe_dense`: every expert runs on every token, outputs weighted by a dense
-  [N, E] combine matrix. Used for the pathway's dense mode and as reference.
+  [N, E] combine matrix: E/K times the sparse FLOPs. Used for the pathway's
+  dense mode and as reference.
 * `moe_gather`: gathers each assignment's expert weights ([N, K, D, F] per
-  matrix). Simple, but the weight copies cost more than the matmuls; kept as
-  a second reference.
+  matrix). The weight copies cost far more than the matmuls, even for one
+  token; kept as a second reference.
 * `moe_sorted`: groups the N*K assignments by expert into fixed-size blocks
   (a counting sort: no argsort), then loops over the blocks, each one matmul
   with its expert's weights, read in place. Fixed shapes and no ragged ops,
   so it works under `vmap` and `grad`; FLOPs are within one block's padding
   per expert of the sparse optimum.
 
-`moe_topk` is what the model calls; it uses `moe_sorted` at every size because
-that measured fastest on CPU from a single token to thousands (see
-`benchmarks/forward_throughput.py`).
+`moe_topk` is what the model calls. It uses `moe_sorted` at every N: on CPU
+that measured fastest from one token to thousands, at or above transformers'
+grouped-matmul experts (see `benchmarks/forward_throughput.py`).
+`jax.lax.ragged_dot` on the sorted layout was ~70x slower on CPU and has no
+`vmap` rule in jax 0.10, so it is not used.
 
 Dimensions: N tokens (flattened batch), D model, F expert hidden, E experts,
 K experts per token, A = N*K assignments, S rows per block, G blocks.
@@ -61,9 +64,11 @@ def moe_gather(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
 def _block_size(num_assignments: int, num_experts: int) -> int:
   """Rows per block S: a power of two near sqrt(8 * mean rows per expert).
 
-  Padding costs about S/2 rows per expert and each block a fixed loop
-  overhead (~4 rows' worth on CPU), so the total E*S/2 + 4*A/S is least at
-  S = sqrt(8 * A / E). Clamped to [1, 64].
+  Padding costs up to S rows per expert (E*S in all) and every block a fixed
+  loop overhead of a few rows' worth (c*A/S), so the total is least near
+  S = sqrt(c * A / E). On CPU at the `bench` shapes, S from 16 to 32 at 128
+  rows per expert, 8 to 16 at 16, and 1 to 4 at 1 measured alike; this picks
+  32, 8 and 2. Clamped to [1, 64].
   """
   target = (8 * num_assignments / num_experts) ** 0.5
   size = 1
