@@ -13,11 +13,12 @@ runs each neighbour sequence once without a pathway and keeps:
 * the keys and values of every slot in layers c0 .. L-1 (all layers from the
   first critical one on, critical or not: the window runs through all of them).
 
-Each loss call then runs only the window through layers c0 .. L-1. A window
-token writes its own keys over the cached ones at its slot, so it attends to
-the cached prefix (slots < p) and to the window tokens before it; slots after
-the window are never attended (causality). Then the final norm and only the
-logits that score a choice. Equal to `engine.NaiveLoss` up to rounding.
+Each loss call then runs only the window through layers c0 .. L-1: a window
+token attends to the cached keys of the prefix (slots < p) and to the fresh
+keys of the window tokens up to itself (cached slots >= p are stale or, by
+causality, never attended). Then the final norm and only the logits that
+score a choice (mc with the choice loss: only the C choice tokens' columns of
+the LM head). Equal to `engine.NaiveLoss` up to rounding.
 
 Dimensions: N neighbours, S sequences per neighbour, T tokens (key slots),
 U window tokens, C choices, Tc continuation tokens per choice, Lc layers from
