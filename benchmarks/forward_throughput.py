@@ -8,8 +8,11 @@ of both are compared so the table never compares different computations.
 
   python -m benchmarks.forward_throughput --batch_sizes=1,8 --seq_len=128
 
-Prints a table of tokens/s and the ratio ours/torch per batch size, then one
-JSON line with every figure.
+Prints a table of tokens/s (from the median time) and the ratio ours/torch
+per batch size, then one JSON line with every figure (minimum times too).
+On a machine shared with other work, check the load average it reports:
+threaded torch slows down far more than XLA when cores are oversubscribed.
+`--threads=1 --clock=cpu` gives the steadiest comparison there.
 
 Dimensions: B batch, T tokens, V vocab.
 """
@@ -134,8 +137,8 @@ def _ours(config, dispatch: str, block_size: int):
   return call
 
 
-def _median_seconds(fns, repeats: int, warmup: int, clock: str) -> list[float]:
-  """Median time of each function, calls interleaved.
+def _time(fns, repeats: int, warmup: int, clock: str) -> list[tuple[float, float]]:
+  """(median, min) time of each function, calls interleaved.
 
   Interleaving (a, b, a, b, ...) exposes every function to the same
   background load, which matters on a shared machine.
@@ -152,7 +155,7 @@ def _median_seconds(fns, repeats: int, warmup: int, clock: str) -> list[float]:
       start = now()
       fn()
       out.append(now() - start)
-  return [sorted(t)[len(t) // 2] for t in times]
+  return [(sorted(t)[len(t) // 2], min(t)) for t in times]
 
 
 def main(argv):
@@ -192,7 +195,7 @@ def main(argv):
       raise SystemExit(f'batch {b}: logits differ by {diff:.3g} > --atol={_ATOL.value}')
     if not np.std(want) > 100 * _ATOL.value:  # a degenerate model would agree trivially
       raise SystemExit(f'batch {b}: logits have std {np.std(want):.3g}; nothing to compare')
-    t_ours, t_torch = _median_seconds(
+    (t_ours, min_ours), (t_torch, min_torch) = _time(
       (run_ours, run_torch), _REPEATS.value, _WARMUP.value, _CLOCK.value
     )
     n = b * _SEQ_LEN.value
@@ -205,6 +208,8 @@ def main(argv):
         ratio=t_torch / t_ours,
         ours_ms=1e3 * t_ours,
         torch_ms=1e3 * t_torch,
+        ours_min_ms=1e3 * min_ours,
+        torch_min_ms=1e3 * min_torch,
         max_abs_logit_diff=diff,
         logit_std=float(np.std(want)),
       )
