@@ -22,10 +22,12 @@ choice cross-entropy loss. Seconds per test sample of:
               layers' MoE blocks of this model instance; weights frozen;
               torch.optim.Adam with the same cosine schedule; one sample at a
               time, each step a forward and backward of its k neighbours
+              (logits at the last position only, unless --notorch_last_logits)
 
 JAX programs are compiled ahead of time (compile time reported apart), so no
 timing includes compilation; PyTorch runs one untimed step first. The torch
 trace of the first sample is compared with ours (losses per step, final q).
+Both frameworks get the same cores (--threads, default one: see its help).
 
   python -m benchmarks.ngd_speed
 
@@ -56,7 +58,19 @@ _MODE = flags.DEFINE_enum(
 _ALSO_DENSE = flags.DEFINE_bool('also_dense', True, "Also time our NGD in 'dense' mode.")
 _TORCH_SAMPLES = flags.DEFINE_integer('torch_samples', 1, 'Test samples run by PyTorch.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls of base and ngd (median).')
-_THREADS = flags.DEFINE_integer('threads', 0, 'CPU cores for both frameworks; 0: all.')
+_THREADS = flags.DEFINE_integer(
+  'threads',
+  1,
+  'CPU cores (and threads) for both frameworks; 0: all. On a shared machine, PyTorch with more'
+  ' than one OpenMP thread stalls at every op whenever a thread is descheduled (a forward'
+  ' measured 70x slower at 2 threads than at 1 under load), so the default is one core each.',
+)
+_TORCH_LAST_LOGITS = flags.DEFINE_bool(
+  'torch_last_logits',
+  True,
+  'PyTorch computes logits at the last position only (logits_to_keep=1), as our losses do;'
+  ' false: at every position, as a plain model(input_ids) call does (about 1.6x slower).',
+)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of weights and tokens.')
 
 NUM_CHOICES = 4
@@ -173,11 +187,12 @@ def _c3po_moe(torch, block, state: dict, layer: int):
 
 
 def _torch_ngd(
-  torch, model, state, layers, tokens, letters, gold, w, base, core, steps, lr, lr_end
+  torch, model, state, layers, tokens, letters, gold, w, base, core, steps, lr, lr_end, keep
 ):
   """Naive NGD of one test sample: (q [C, Kc], losses [steps + 1]).
 
-  tokens [k, T] of its neighbours; base [C, E] and core [C, Kc] its routing.
+  tokens [k, T] of its neighbours; base [C, E] and core [C, Kc] its routing;
+  keep: logits_to_keep (1: the last position only; 0: all).
   """
   import math
 
@@ -190,7 +205,7 @@ def _torch_ngd(
     full = base.scatter(1, core, q * mass)  # [C, E]
     for i, layer in enumerate(layers):
       state[layer] = full[i].expand(tokens.shape[0], -1)
-    logits = model(input_ids=tokens, logits_to_keep=1, use_cache=False).logits[:, -1]  # [k, V]
+    logits = model(input_ids=tokens, logits_to_keep=keep, use_cache=False).logits[:, -1]  # [k, V]
     scores = torch.log_softmax(logits.float(), dim=-1)[:, letters]  # [k, choices]
     per = torch.logsumexp(scores, dim=-1) - scores[torch.arange(len(gold)), gold]
     return (w * per).sum() / w.sum()
@@ -297,6 +312,7 @@ def main(argv):
       steps,
       mc.lr,
       mc.lr_end,
+      1 if _TORCH_LAST_LOGITS.value else 0,
     )
 
   torch_sample(0, 1)  # warm-up
@@ -321,6 +337,7 @@ def main(argv):
     'ngd_over_base': round(rows['ngd'] / rows['base'], 3),
     'ngd_warm_over_base': round(rows['ngd_warm'] / rows['base'], 3),
     'torch_naive_over_ngd': round(rows['torch_naive'] / rows['ngd'], 1),
+    'torch_naive_over_ngd_warm': round(rows['torch_naive'] / rows['ngd_warm'], 1),
     'naive_jax_over_ngd': round(rows['naive_jax'] / rows['ngd'], 1),
     'compile_s': {name: round(s, 2) for name, s in compile_s.items()},
     'check': {name: float(f'{x:.3g}') for name, x in check.items()},
@@ -334,6 +351,7 @@ def main(argv):
       opt_pathway_mode=_MODE.value,
       loss='choice_ce',
       torch_samples=n_torch,
+      torch_last_logits=_TORCH_LAST_LOGITS.value,
       threads=len(cores),
       torch_threads=torch.get_num_threads(),
       torch_experts=model.config._experts_implementation,
