@@ -57,7 +57,9 @@ _MODE = flags.DEFINE_enum(
 )
 _ALSO_DENSE = flags.DEFINE_bool('also_dense', True, "Also time our NGD in 'dense' mode.")
 _TORCH_SAMPLES = flags.DEFINE_integer('torch_samples', 1, 'Test samples run by PyTorch.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls of base and ngd (median).')
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 5, 'Interleaved timed rounds of base and our NGD (median); naive ones run once.'
+)
 _THREADS = flags.DEFINE_integer(
   'threads',
   1,
@@ -143,15 +145,21 @@ def _compile(jitted, *args):
   return compiled, time.perf_counter() - start
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fns: dict, rounds: int) -> dict:
+  """Median wall time of each function, calls interleaved round by round.
+
+  Interleaving exposes every function to the same background load, which
+  matters on a shared machine.
+  """
   import jax
 
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _c3po_moe(torch, block, state: dict, layer: int):
@@ -260,9 +268,7 @@ def main(argv):
     return out.logits, out.router_probs[:, :, -1]  # [Q, T, V], [L, Q, E]
 
   fwd, compile_s['base'] = _compile(jax.jit(forward), params, tokens)
-  rows['base'] = _median_seconds(lambda: fwd(params, tokens), _REPEATS.value) / q
   fwd1, compile_s['base_b1'] = _compile(jax.jit(forward), params, tokens[:1])
-  rows['base_b1'] = _median_seconds(lambda: fwd1(params, tokens[:1]), _REPEATS.value)
   base_probs = jnp.swapaxes(fwd(params, tokens)[1], 0, 1)  # [Q, L, E]
 
   def ngd_runner(name, backend, mode):
@@ -275,14 +281,19 @@ def main(argv):
     compile_s[name] = c1 + c2
     return lambda: opt(params, cs, prep(params, nb), w), lambda: opt(params, cs, data, w), cs
 
-  # (b) ours and (c) naive JAX: prepare + NGD of the whole batch.
+  # (b) ours: prepare + NGD of the whole batch; warm: NGD on prepared states.
   run_ngd, run_warm, cs = ngd_runner('ngd', engine.BACKENDS['prefix'], _MODE.value)
-  rows['ngd'] = _median_seconds(run_ngd, _REPEATS.value) / q
-  rows['ngd_warm'] = _median_seconds(run_warm, _REPEATS.value) / q
-  trace = run_ngd()
+  fns = {
+    'base': lambda: fwd(params, tokens),
+    'base_b1': lambda: [fwd1(params, tokens[i : i + 1]) for i in range(q)],
+    'ngd': run_ngd,
+    'ngd_warm': run_warm,
+  }
   if _ALSO_DENSE.value and _MODE.value != 'dense':
-    run_dense, _, _ = ngd_runner('ngd_dense', engine.BACKENDS['prefix'], 'dense')
-    rows['ngd_dense'] = _median_seconds(run_dense, _REPEATS.value) / q
+    fns['ngd_dense'] = ngd_runner('ngd_dense', engine.BACKENDS['prefix'], 'dense')[0]
+  rows.update({k: t / q for k, t in _median_seconds(fns, _REPEATS.value).items()})
+  trace = run_ngd()
+  # (c) naive JAX, the same batch (one timed call: it is the slow one).
   run_naive, _, _ = ngd_runner('naive_jax', engine.NaiveLoss, _MODE.value)
   start = time.perf_counter()
   naive_trace = jax.block_until_ready(run_naive())
