@@ -73,8 +73,12 @@ def _orbax_save(path: str, params: dict) -> None:
   # No second copy of the model in host memory: by default Orbax deep-copies
   # numpy leaves (nothing mutates them while we save), and compression makes
   # OCDBT hold every encoded chunk until commit (bf16 weights barely compress).
+  try:
+    numpy_handler = type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+  except TypeError:  # Orbax releases without the option always copy.
+    numpy_handler = type_handlers.NumpyHandler()
   registry = type_handlers.create_type_handler_registry(
-    (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (np.ndarray, numpy_handler),
     (jax.Array, type_handlers.get_type_handler(jax.Array)),
   )
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)

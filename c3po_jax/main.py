@@ -78,7 +78,7 @@ flags.DEFINE_string('suite_split', 'test', 'Suite split to evaluate (dev: for ch
 
 # The embedded demo suite, run when neither --benchmark nor --suite is given.
 DEMO_SUITE = f'{DEMO_DIR}/suite'
-DEMO_DEFAULTS = {'max_test_samples': 100, 'max_reference_samples': 200, 'batch_size': 16}
+DEMO_DEFAULTS = {'max_test_samples': 100, 'max_reference_samples': 400, 'batch_size': 25}
 
 
 def run_config_from_flags() -> RunConfig:
@@ -129,16 +129,31 @@ def run_config_from_flags() -> RunConfig:
   )
 
 
+# RunConfig fields whose flag has another name.
+_FLAG_OF_FIELD = {'fmt': 'format'}
+
+
+def apply_suite_settings(rc: RunConfig, suite_dir: str) -> RunConfig:
+  """The suite's own settings (format, settings chosen on dev; for the embedded
+  demo also its default size) for every field whose flag was not given."""
+  settings = suite_run.suite_settings(suite_run.read_suite(suite_dir))
+  if suite_dir == DEMO_SUITE:
+    # The embedded demo's default size: finishes in minutes on 2 CPU cores.
+    settings = {**DEMO_DEFAULTS, **settings}
+  unset = {k: v for k, v in settings.items() if not F[_FLAG_OF_FIELD.get(k, k)].present}
+  if isinstance(unset.get('critical_layers'), list):
+    unset['critical_layers'] = tuple(unset['critical_layers'])
+  return dataclasses.replace(rc, **unset)
+
+
 def main(argv):
   del argv
   rc = run_config_from_flags()
   logging.info('run config: %s', dataclasses.asdict(rc))
   suite = F.suite or (DEMO_SUITE if F.benchmark is None else None)
-  if suite == DEMO_SUITE:
-    # The embedded demo's default size: finishes in minutes on 2 CPU cores.
-    demo = {k: v for k, v in DEMO_DEFAULTS.items() if not F[k].present}
-    rc = dataclasses.replace(rc, **demo)
   if suite:
+    rc = apply_suite_settings(rc, suite)
+    logging.info('run config with the suite settings: %s', dataclasses.asdict(rc))
     suite_run.run_suite(rc, suite, F.suite_split)
   else:
     pipeline.run(rc)

@@ -32,6 +32,26 @@ def read_suite(suite_dir: str) -> dict:
   return manifest
 
 
+def suite_settings(manifest: dict) -> dict:
+  """RunConfig fields a suite asks for: its prompt format and settings chosen on dev.
+
+  A manifest may hold {"prompt": {"format": "rc"}} and {"c3po_settings":
+  {FIELD: VALUE, ...}} (RunConfig field names; chosen on the dev split, see
+  c3po_jax/demo/tune.py). Flags given on the command line win over these.
+  """
+  out = {}
+  fmt = manifest.get('prompt', {}).get('format')
+  if fmt is not None:
+    out['fmt'] = fmt
+  settings = manifest.get('c3po_settings', {}).get('settings', {})
+  fields = {f.name for f in dataclasses.fields(RunConfig)}
+  unknown = set(settings) - fields
+  if unknown:
+    raise ValueError(f'suite c3po_settings has unknown RunConfig fields {sorted(unknown)}')
+  out.update(settings)
+  return out
+
+
 def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   """One pipeline run per benchmark of the suite; returns the combined summary."""
   manifest = read_suite(suite_dir)

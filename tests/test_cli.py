@@ -34,27 +34,28 @@ def _common(ckpt, tmp_path):
   )
 
 
+def _run_main(tmp_path, out, *flags) -> subprocess.CompletedProcess:
+  """python -m c3po_jax.main with 2 test samples, batch 2, 2 NGD / mode steps."""
+  args = [sys.executable, '-m', 'c3po_jax.main', *flags]
+  args += ['--max_test_samples=2', '--batch_size=2', '--ngd_steps=2', '--mode_iters=2']
+  args += [f'--cache_dir={tmp_path / "cache"}', f'--output_dir={out}']
+  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 def test_cli_runs_every_method(ckpt, tmp_path):
   out = tmp_path / 'run'
-  args = [
-    sys.executable,
-    '-m',
-    'c3po_jax.main',
+  proc = _run_main(
+    tmp_path,
+    out,
     f'--checkpoint_dir={ckpt}',
     '--benchmark=arc_challenge',
     '--reference=openbookqa,sciq',
-    '--max_test_samples=2',
     '--max_reference_samples=12',
-    '--batch_size=2',
     '--critical_layers=2',
     '--core_experts=4',
-    '--ngd_steps=2',
-    '--mode_iters=2',
-    f'--cache_dir={tmp_path / "cache"}',
-    f'--output_dir={out}',
-  ]
-  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  )
   summary = json.loads((out / 'summary.json').read_text())['methods']
   assert set(summary) == {'base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle'}
   rows = results.read_rows(str(out / 'results.jsonl'))
@@ -111,3 +112,40 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(ckpt, tmp_path, monk
   )
   got = results.read_rows(str(cut / 'results.jsonl'))
   assert _strip(got) == _strip(want)
+
+
+DEMO = os.path.join(ROOT, 'checkpoints', 'demo')
+
+
+@pytest.mark.skipif(not os.path.isdir(DEMO), reason='no shipped demo checkpoint')
+def test_no_flag_run_is_the_embedded_demo(tmp_path):
+  """The README's main command, shortened: every method on every demo family."""
+  out = tmp_path / 'demo'
+  proc = _run_main(tmp_path, out, '--max_reference_samples=16')
+  summary = json.loads((out / 'summary.json').read_text())
+  families = ('arith', 'compare', 'facts', 'sequence')
+  assert set(summary['benchmarks']) == set(families)
+  methods = {'base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle'}
+  assert set(summary['pooled']) == methods
+  # The suite's own settings apply: its prompt format and what was chosen on dev.
+  with open(os.path.join(DEMO, 'suite', 'suite.json')) as f:
+    manifest = json.load(f)
+  rc = summary['run_config']
+  assert rc['fmt'] == manifest['prompt']['format']
+  for name, value in manifest.get('c3po_settings', {}).get('settings', {}).items():
+    assert rc[name] == value, name
+  assert rc['max_test_samples'] == 2 and rc['ngd_steps'] == 2  # flags win
+  for family in families:
+    rows = results.read_rows(str(out / family / 'results.jsonl'))
+    assert len(rows) == 2 * len(methods)
+  assert all(f in proc.stdout for f in families) and 'oracle' in proc.stdout
+
+
+def test_suite_settings_reject_unknown_fields():
+  from c3po_jax import suite_run
+
+  manifest = {'prompt': {'format': 'rc'}, 'c3po_settings': {'settings': {'lr': 0.1}}}
+  assert suite_run.suite_settings(manifest) == {'fmt': 'rc', 'lr': 0.1}
+  assert suite_run.suite_settings({}) == {}
+  with pytest.raises(ValueError, match='learning_rate'):
+    suite_run.suite_settings({'c3po_settings': {'settings': {'learning_rate': 0.1}}})

@@ -23,6 +23,11 @@ def small():
 
 
 @pytest.fixture(scope='module')
+def tok(small):
+  return tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in small.train_text)
+
+
+@pytest.fixture(scope='module')
 def written(small, tmp_path_factory):
   out = tmp_path_factory.mktemp('suite')
   return out, suite.write_suite(small, str(out))
@@ -80,6 +85,21 @@ def test_deterministic_per_seed(small):
   other = suite.build_suite(dataclasses.replace(SMALL, seed=1))
   for key, rows in small.records.items():
     assert [r['question'] for r in rows] != [r['question'] for r in other.records[key]], key
+
+
+def test_draw_seed_redraws_only_dev_and_test(small):
+  fresh = suite.build_suite(dataclasses.replace(SMALL, draw_seed=1))
+  assert fresh.train_text == small.train_text
+  for (source, split), rows in small.records.items():
+    if split in ('train', 'reference'):
+      assert fresh.records[source, split] == rows, (source, split)
+    else:
+      questions = {r['question'] for r in rows}
+      assert {r['question'] for r in fresh.records[source, split]} != questions
+  # The fresh draw is leak-free too (check_no_leak ran inside build_suite), and
+  # draw_seed=seed is the default draw.
+  same = suite.build_suite(dataclasses.replace(SMALL, draw_seed=SMALL.seed))
+  assert same.records == small.records
 
 
 def test_eval_splits_do_not_depend_on_train_size(small):
@@ -160,7 +180,8 @@ def test_splits_do_not_leak(small):
   for (_, split), rows in records.items():
     if split in ('dev', 'test'):
       for r in rows:
-        assert prompts.format_mc(r['question'], r['choices']) not in train_text
+        context, _ = prompts.format_question(r['question'], r['choices'], SMALL.fmt)
+        assert context not in train_text
   # The test phrasing is rare in train, the reference phrasings common.
   for family in small.families:
     n = {s: len(records[s, 'train']) for s in family.sources}
@@ -186,37 +207,54 @@ def test_manifest_pairs_each_test_family_with_its_references(written, small):
     assert bench['reference'] == [f'{s}_reference.jsonl' for s in family.reference_sources]
     for f in (bench['dev'], bench['test'], *bench['reference']):
       assert os.path.isfile(out / f)
-  r = _read_jsonl(out / manifest['benchmarks']['arith']['dev'])[0]
-  template = manifest['prompt']['template']
-  assert template.startswith('Question: {question}\n A. {choice 0}\n B. {choice 1}\nAnswer:')
-  assert prompts.format_mc(r['question'], r['choices']).endswith('\nAnswer:')
+  assert manifest['prompt'] == {
+    'format': 'rc',
+    'template': 'Question: {question}\nAnswer:',
+    'continuation': ' {choice}',
+  }
 
 
-def test_prompt_matches_benchmark_mc_format():
+@pytest.mark.parametrize('fmt', prompts.FORMATS)
+def test_prompt_matches_benchmark_format(fmt):
   bench_prompts = pytest.importorskip('benchmarks.tasks.prompts')
   example = pytest.importorskip('benchmarks.tasks.example')
   ex = example.Example(
     id='x', task='add_words', context='What is 1 plus 2?', choices=('3', '4'), gold=0
   )
-  prompt = bench_prompts.format_example(ex, 'mc')
-  assert prompt.context == prompts.format_mc(ex.context, ex.choices)
-  assert prompt.continuations == (prompts.answer_text(0), prompts.answer_text(1))
+  prompt = bench_prompts.format_example(ex, fmt)
+  context, continuations = prompts.format_question(ex.context, ex.choices, fmt)
+  assert prompt.context == context
+  assert prompt.continuations == tuple(continuations)
+  with pytest.raises(ValueError, match='format'):
+    prompts.format_question('q', ['1', '2'], 'cloze')
 
 
-def test_tokenizer_letters_are_single_tokens(small, tmp_path):
-  tok = tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in small.train_text)
-  ids = tokenizer_lib.letter_token_ids(tok)
-  assert len(set(ids)) == len(prompts.LETTERS)
+def test_tokenizer_round_trips_and_answers_are_single_tokens(small, tok, tmp_path):
   tokenizer_lib.save_tokenizer(tok, str(tmp_path))
   hf = tokenizer_lib.load_tokenizer(str(tmp_path))
-  assert tokenizer_lib.letter_token_ids(hf) == ids
   row = small.train_text[0]
   assert hf.encode(row['text'], add_special_tokens=False) == tok.encode(row['text']).ids
   assert hf.decode(tok.encode(row['text']).ids) == row['text']
-  # Digits are single tokens; the prompt's last token is ':'.
-  assert tok.encode(' 42').tokens == ['Ġ4', '2']
-  assert tok.encode(prompts.format_mc('q', ['1', '2'])).tokens[-1] == ':'
+  # Every number and name answer of the suite is one token, so the rc answer
+  # is decided at the prompt's last token, ':'.
+  assert all(len(tok.encode(f' {i}').ids) == 1 for i in range(100))
+  from c3po_jax.demo import families
+
+  for name in (*families.COLORS, *families.TOWNS, *families.FOODS):
+    assert len(tok.encode(' ' + name).ids) == 1, name
+  assert tok.encode(prompts.format_rc('q')).tokens[-1] == ':'
   assert (hf.pad_token_id, hf.eos_token_id) == (0, 1)
+
+
+def test_mc_suite_letters_are_single_tokens(tmp_path):
+  mc = suite.build_suite(dataclasses.replace(SMALL, fmt='mc', num_drill=300))
+  assert any(r['source'] == 'drill' for r in mc.train_text)
+  assert {r['target'] for r in mc.train_text if r['target']} <= {' A', ' B', ' C', ' D', ' E'}
+  tok = tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in mc.train_text)
+  ids = tokenizer_lib.letter_token_ids(tok)
+  assert len(set(ids)) == len(prompts.LETTERS)
+  tokenizer_lib.save_tokenizer(tok, str(tmp_path))
+  assert tokenizer_lib.letter_token_ids(tokenizer_lib.load_tokenizer(str(tmp_path))) == ids
 
 
 def test_tokenizer_is_deterministic(small):
@@ -244,11 +282,6 @@ def test_shipped_suite_regenerates_from_its_seed(tmp_path):
   assert np.all([b == shipped['benchmarks'][k] for k, b in manifest['benchmarks'].items()])
 
 
-@pytest.fixture(scope='module')
-def tok(small):
-  return tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in small.train_text)
-
-
 def test_scorer_matches_unpadded_forward(small, tok):
   import jax
   import jax.numpy as jnp
@@ -259,31 +292,35 @@ def test_scorer_matches_unpadded_forward(small, tok):
 
   config = TINY.replace(vocab_size=-(-tok.get_vocab_size() // 64) * 64)
   params = transformer.init_params(config, jax.random.PRNGKey(0))
-  rows = small.records['cmp_greatest', 'dev'][:5]
-  # Two batches of 4: the second has filler rows; prompts are right-padded.
-  got = scoring.letter_log_probs(params, config, tok, rows, batch_size=4, max_len=64)
-  letters = jnp.asarray(tokenizer_lib.letter_token_ids(tok))
+  # Multi-token continuations (fact_true) and 2..5 choices; batches of 4
+  # sequences leave filler rows; sequences are right-padded.
+  rows = small.records['cmp_greatest', 'dev'][:3] + small.records['fact_true', 'reference'][:2]
+  got = scoring.choice_log_probs(params, config, tok, rows, batch_size=4, max_len=64)
   for r, lp in zip(rows, got):
-    ids = tok.encode(prompts.format_mc(r['question'], r['choices'])).ids
-    logits = transformer.forward(params, jnp.asarray([ids]), config=config).logits[0, -1]
-    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[letters], atol=1e-5)
-  preds = scoring.predictions(got, rows)
-  for p, lp, r in zip(preds, got, rows):
-    assert p == int(np.argmax(lp[: len(r['choices'])]))
+    assert lp.shape == (len(r['choices']),)
+    context = tok.encode(prompts.format_rc(r['question'])).ids
+    for c, choice in enumerate(r['choices']):
+      cont = tok.encode(' ' + choice).ids
+      ids = jnp.asarray([context + cont])
+      logp = jax.nn.log_softmax(transformer.forward(params, ids, config=config).logits[0])
+      want = sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(cont))
+      np.testing.assert_allclose(lp[c], want, atol=1e-4)
+  assert list(scoring.predictions(got)) == [int(np.argmax(lp)) for lp in got]
 
 
-def test_documents_weight_the_answer_letter(small, tok):
+def test_documents_weight_the_answer(small, tok):
   from c3po_jax.demo import data
 
   docs = [d for d in small.train_text if d['target']][:3]
   docs.append(next(d for d in small.train_text if not d['target']))
   out = data.tokenize_documents(tok, docs, eos_id=1, answer_weight=7.0)
-  letters = tokenizer_lib.letter_token_ids(tok)
   for d, (ids, w) in zip(docs, out):
     n = len(tok.encode(d['text']).ids)
     assert ids[-1] == 1 and len(w) == len(ids) - 1
     if d['target']:
-      assert ids[n] in letters and w[n - 1] == 7.0 and np.sum(w != 1) == 1
+      target = tok.encode(d['target']).ids
+      assert list(ids[n:-1]) == target
+      assert np.all(w[n - 1 : n - 1 + len(target)] == 7.0) and np.sum(w != 1) == len(target)
     else:
       assert np.all(w == 1)
   buckets = data.make_buckets(out, (40, 48, 56, 64), batch_tokens=48)
@@ -327,3 +364,42 @@ def test_shipped_checkpoint_reproduces_its_dev_accuracy():
   for family, acc in got.items():
     # One question of slack (100 per family) for float differences across CPUs.
     assert abs(acc - recorded[family]) <= 0.011, (family, acc, recorded[family])
+
+
+def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_path):
+  from c3po_jax import suite_run
+  from c3po_jax.demo import tune
+  from c3po_jax.run_config import RunConfig
+
+  out, _ = written
+  calls = []
+  dev_ngd = {(lr, sim): 0.70 for lr in (0.01, 0.1, 0.3) for sim in (0.95, 0.99)}
+  dev_ngd.update({(0.1, 0.99): 0.74, (0.3, 0.99): 0.74, (0.1, 0.95): 0.72})
+
+  def fake_run_suite(rc, suite_dir, split):
+    calls.append(split)
+    acc = dev_ngd[rc.lr, rc.max_similarity]
+    pooled = {
+      'base': {'accuracy': 0.7, 'mcnemar_p_vs_base': 1.0},
+      'ngd': {'accuracy': acc, 'mcnemar_p_vs_base': 0.5},
+    }
+    return {'benchmarks': {}, 'pooled': pooled}
+
+  monkeypatch.setattr(suite_run, 'run_suite', fake_run_suite)
+  rc = RunConfig(
+    checkpoint_dir='x', benchmark='(suite)', reference=('(suite)',), output_dir=str(tmp_path)
+  )
+  entry = tune.tune(rc, str(out), [0.01, 0.1, 0.3], [0.95, 0.99])
+  assert calls == ['dev'] * 6  # every grid point, on dev only
+  # Best dev NGD accuracy; the tie between lr 0.1 and 0.3 goes to the smaller step.
+  assert entry['settings']['lr'] == 0.1 and entry['settings']['max_similarity'] == 0.99
+  assert entry['chosen_on'] == 'dev' and len(entry['grid']) == 6
+  tune.write_settings(str(out), entry)
+  manifest = suite.read_manifest(str(out))
+  assert manifest['c3po_settings'] == json.loads(json.dumps(entry))
+  assert suite_run.suite_settings(manifest) == {'fmt': 'rc', **entry['settings']}
+  # A fresh draw copies the settings chosen on the shipped dev split.
+  fresh = tmp_path / 'fresh'
+  suite.write_suite(suite.build_suite(dataclasses.replace(SMALL, draw_seed=3)), str(fresh))
+  suite.copy_settings(str(out), str(fresh))
+  assert suite.read_manifest(str(fresh))['c3po_settings'] == manifest['c3po_settings']

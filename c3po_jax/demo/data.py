@@ -1,8 +1,8 @@
 """Language-model batches of the demo suite's training text.
 
 A document is `text + target + EOS`, tokenized as text and target separately
-(so the answer letter is exactly the token the scorer reads after 'Answer:').
-Every next-token prediction is a loss term of weight 1, the answer letter's of
+(so the answer tokens are exactly those the scorer reads after 'Answer:').
+Every next-token prediction is a loss term of weight 1, the answer tokens' of
 weight `answer_weight`. Documents are right-padded into a few length buckets;
 a batch holds one bucket, [B, T] with B * T about `batch_tokens`, so the train
 step compiles once per bucket.

@@ -36,8 +36,10 @@ def evaluate(checkpoint_dir: str, split: str) -> dict[str, float]:
   """family -> accuracy of the checkpoint on `split` of its shipped suite."""
   config, params = checkpoint.load_checkpoint(checkpoint_dir)
   tok = tokenizer_lib.load_tokenizer(checkpoint_dir)
-  rows = read_split(os.path.join(checkpoint_dir, 'suite'), split)
-  return {name: scoring.accuracy(params, config, tok, r) for name, r in rows.items()}
+  suite_dir = os.path.join(checkpoint_dir, 'suite')
+  fmt = suite.read_manifest(suite_dir)['prompt']['format']
+  rows = read_split(suite_dir, split)
+  return {name: scoring.accuracy(params, config, tok, r, fmt=fmt) for name, r in rows.items()}
 
 
 def main(argv, *, checkpoint_dir: str, split: str):

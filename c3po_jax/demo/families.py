@@ -91,18 +91,19 @@ class Family:
 
 
 class Arithmetic(Family):
-  """Two-number addition; the sibling skill is the matching subtraction."""
+  """Adding a small number; the sibling skill is the matching subtraction."""
 
   name = 'arith'
   test_source = 'add_words'
   reference_sources = ('add_symbols', 'sub_symbols')
-  description = 'a + b for a, b in [0, 50); 4 choices; test phrased in words'
-  max_operand = 50
-  offsets = (-11, -10, -9, -2, -1, 1, 2, 9, 10, 11)
+  description = 'a + b for a in [0, 90), b in [1, 10); 4 choices; test phrased in words'
+  max_first = 90
+  max_second = 10
+  offsets = (-10, -2, -1, 1, 2, 10)
 
   def problems(self, rng):
     del rng
-    return list(itertools.product(range(self.max_operand), repeat=2))
+    return list(itertools.product(range(self.max_first), range(1, self.max_second)))
 
   def render(self, source, problem, rng):
     a, b = problem
@@ -114,7 +115,7 @@ class Arithmetic(Family):
       question, gold = f'{a + b} - {b} = ?', a
     else:
       raise KeyError(source)
-    choices, answer = numeric_choices(rng, gold, self.offsets, 4, 0, 2 * self.max_operand)
+    choices, answer = numeric_choices(rng, gold, self.offsets, 4)
     return Question(question, choices, answer)
 
 
@@ -148,7 +149,7 @@ class Facts(Family):
   attributes = ('color', 'home', 'food')
   values = {'color': COLORS, 'home': TOWNS, 'food': FOODS}
 
-  def __init__(self, rng: np.random.Generator, num_entities: int = 200):
+  def __init__(self, rng: np.random.Generator, num_entities: int = 300):
     self.entities = pseudo_words(rng, num_entities)
     self.table = {
       e: {a: _choice(rng, self.values[a]) for a in self.attributes} for e in self.entities
@@ -239,12 +240,13 @@ class Progression(Family):
   name = 'sequence'
   test_source = 'seq_next'
   reference_sources = ('seq_blank_next', 'seq_blank_before')
-  description = 'next term of a 4-term arithmetic progression (step +-1..9); 4 choices'
+  description = 'next term of a 4-term arithmetic progression (step +-1..5); 4 choices'
+  max_step = 5
 
   def problems(self, rng):
     del rng
     out = []
-    for step in (*range(1, 10), *range(-9, 0)):
+    for step in (*range(1, self.max_step + 1), *range(-self.max_step, 0)):
       for first in range(100):
         if 0 <= first + 4 * step <= 99:
           out.append((first, step))

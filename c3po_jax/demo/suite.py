@@ -5,16 +5,20 @@ reference sources. Splits, per family:
 
   dev, test   test-source questions on held-out problems (disjoint from each
               other); dev is for choosing C3PO's settings, test for reporting.
+              They are drawn from the family's held-out problems (a
+              `held_out_fraction` of them, at least dev + test) with
+              `draw_seed`: a fresh draw seed gives a fresh dev/test set for
+              the same trained model, with no training or reference leak.
   reference   reference-source questions on the other problems: the labelled
               pool C3PO draws its successful neighbours from.
   train       the language-model training data. Reference sources dominate;
               the test source is rare (`test_train_fraction` of the family)
-              and never asks a dev or test problem. The knowledge the test
+              and never asks a held-out problem. The knowledge the test
               questions need (the fact table, the arithmetic) is taught through
               the reference phrasings, so the model is partly right on the test
               phrasing and its router was fitted mostly to other phrasings.
-              The facts family adds plain statements of the fact table, and
-              a format drill ('Which choice is 42?') teaches the letter
+              The facts family adds plain statements of the fact table; in
+              the mc format a drill ('Which choice is 42?') teaches the letter
               binding every family shares.
 
 No dev or test question text occurs in train or reference. Everything is a
@@ -29,6 +33,8 @@ Written files (one per source and split, generic multiple-choice JSONL):
                           test family, the prompt format, sizes and sha256.
 
   python -m c3po_jax.demo.suite --seed=0 --output_dir=/tmp/demo_suite
+  python -m c3po_jax.demo.suite --seed=0 --draw_seed=1 --output_dir=/tmp/fresh \
+      --include_train=false --settings_from=checkpoints/demo/suite
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from c3po_jax.demo import prompts
 MANIFEST = 'suite.json'
 TRAIN_TEXT = 'train_text.jsonl'
 FORMAT = 'c3po-jax/demo-suite'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ('train', 'reference', 'dev', 'test')
 EVAL_SPLITS = ('reference', 'dev', 'test')
 
@@ -58,14 +64,25 @@ EVAL_SPLITS = ('reference', 'dev', 'test')
 class SuiteConfig:
   """Sizes of the suite. Counts are per source unless said otherwise."""
 
-  seed: int = 0
+  seed: int = 0  # the world (fact table), train and reference splits
+  draw_seed: int | None = None  # dev/test draw from the held-out problems (None: seed)
+  fmt: str = 'rc'  # prompt format of train text and evaluation ('rc' or 'mc')
   num_dev: int = 100
   num_test: int = 300
   num_reference: int = 200
   num_train: int = 25000  # per family, all its sources together
-  test_train_fraction: float = 0.04  # share of the family's train items
+  test_train_fraction: float = 0.002  # share of the family's train items (50 of 25000)
+  held_out_fraction: float = 0.3  # problems never asked in the test phrasing in train
   statement_repeats: int = 10  # copies of the fact-table statements
-  num_drill: int = 15000  # mc-format drill questions (train only)
+  num_drill: int = 30000  # mc-format drill questions (train only; mc format only)
+
+  def __post_init__(self):
+    if self.fmt not in prompts.FORMATS:
+      raise ValueError(f'fmt={self.fmt!r}; want one of {prompts.FORMATS}')
+
+  @property
+  def draw(self) -> int:
+    return self.seed if self.draw_seed is None else self.draw_seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +139,22 @@ def _family_records(family, config: SuiteConfig) -> dict[tuple[str, str], list[d
   problems = family.problems(stream(seed, family.name, 'problems'))
   order = stream(seed, family.name, 'split').permutation(len(problems))
   num_eval = config.num_dev + config.num_test
-  if num_eval >= len(problems):
-    raise ValueError(f'{family.name} has {len(problems)} problems, too few for {num_eval}')
-  held_out = [problems[i] for i in order[:num_eval]]
-  pool = [problems[i] for i in order[num_eval:]]
+  num_held = max(num_eval, round(config.held_out_fraction * len(problems)))
+  if num_held >= len(problems):
+    raise ValueError(f'{family.name} has {len(problems)} problems, too few for {num_held}')
+  held_out = [problems[i] for i in order[:num_held]]
+  pool = [problems[i] for i in order[num_held:]]
+  draw = config.draw
+  picked = stream(draw, family.name, 'draw').choice(num_held, size=num_eval, replace=False)
+  dev_problems = [held_out[i] for i in picked[: config.num_dev]]
+  test_problems = [held_out[i] for i in picked[config.num_dev :]]
   test_src = family.test_source
   out = {
     (test_src, 'dev'): _records(
-      family, test_src, 'dev', held_out[: config.num_dev], stream(seed, test_src, 'dev')
+      family, test_src, 'dev', dev_problems, stream(draw, test_src, 'dev')
     ),
     (test_src, 'test'): _records(
-      family, test_src, 'test', held_out[config.num_dev :], stream(seed, test_src, 'test')
+      family, test_src, 'test', test_problems, stream(draw, test_src, 'test')
     ),
   }
   num_test_train = round(config.num_train * config.test_train_fraction)
@@ -166,6 +188,12 @@ def check_no_leak(records: dict[tuple[str, str], list[dict]]) -> None:
     raise ValueError('dev and test share questions')
 
 
+def train_row(question: str, choices, answer: int, source: str, fmt: str) -> dict:
+  """A training document: the prompt and the gold continuation."""
+  context, continuations = prompts.format_question(question, choices, fmt)
+  return {'text': context, 'target': continuations[answer], 'source': source}
+
+
 def build_suite(config: SuiteConfig = SuiteConfig()) -> Suite:
   """Generates every split of every family from config.seed."""
   families = families_lib.make_families(stream(config.seed, 'world'))
@@ -174,26 +202,17 @@ def build_suite(config: SuiteConfig = SuiteConfig()) -> Suite:
     records.update(_family_records(family, config))
   check_no_leak(records)
   text = [
-    {
-      'text': prompts.format_mc(r['question'], r['choices']),
-      'target': prompts.answer_text(r['answer']),
-      'source': src,
-    }
+    train_row(r['question'], r['choices'], r['answer'], src, config.fmt)
     for (src, split), rows in sorted(records.items())
     if split == 'train'
     for r in rows
   ]
-  rng = stream(config.seed, 'drill')
-  values = families_lib.drill_values(families)
-  for _ in range(config.num_drill):
-    q = families_lib.drill_question(rng, values)
-    text.append(
-      {
-        'text': prompts.format_mc(q.question, q.choices),
-        'target': prompts.answer_text(q.answer),
-        'source': 'drill',
-      }
-    )
+  if config.fmt == 'mc':
+    rng = stream(config.seed, 'drill')
+    values = families_lib.drill_values(families)
+    for _ in range(config.num_drill):
+      q = families_lib.drill_question(rng, values)
+      text.append(train_row(q.question, q.choices, q.answer, 'drill', 'mc'))
   rng = stream(config.seed, 'statements')
   for family in families:
     for _ in range(config.statement_repeats):
@@ -234,10 +253,11 @@ def manifest(suite: Suite) -> dict:
     'format_version': FORMAT_VERSION,
     'config': dataclasses.asdict(suite.config),
     'prompt': {
-      'format': 'mc',
-      'template': prompts.format_mc('{question}', ['{choice 0}', '{choice 1}']),
-      'continuation': prompts.answer_text(0).replace('A', '{letter}'),
-      'letters': prompts.LETTERS,
+      'format': suite.config.fmt,
+      'template': prompts.format_question(
+        '{question}', ['{choice 0}', '{choice 1}'], suite.config.fmt
+      )[0],
+      'continuation': prompts.format_question('q', ['{choice}'], suite.config.fmt)[1][0],
     },
     'benchmarks': benchmarks,
   }
@@ -277,21 +297,52 @@ def read_manifest(suite_dir: str) -> dict:
   return out
 
 
-def main(argv, *, seed: int, output_dir: str, include_train: bool):
+def copy_settings(source_dir: str, output_dir: str) -> None:
+  """Copies the C3PO settings chosen on dev (c3po_settings) from one suite to another."""
+  settings = read_manifest(source_dir).get('c3po_settings')
+  if settings is None:
+    raise ValueError(f'{source_dir}/{MANIFEST} has no c3po_settings to copy')
+  out = read_manifest(output_dir)
+  out['c3po_settings'] = settings
+  with open(os.path.join(output_dir, MANIFEST), 'w') as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+    f.write('\n')
+
+
+def main(
+  argv,
+  *,
+  seed: int,
+  draw_seed: int | None,
+  output_dir: str,
+  include_train: bool,
+  settings_from: str | None,
+):
   del argv
-  suite = build_suite(SuiteConfig(seed=seed))
+  suite = build_suite(SuiteConfig(seed=seed, draw_seed=draw_seed))
   out = write_suite(suite, output_dir, include_train=include_train)
+  if settings_from:
+    copy_settings(settings_from, output_dir)
   for name, info in sorted(out['files'].items()):
     logging.info('%s: %d rows%s', name, info['rows'], '' if info['written'] else ' (not written)')
 
 
 if __name__ == '__main__':
   # Flags live here so that importing this module defines none.
-  _seed = flags.DEFINE_integer('seed', 0, 'Suite seed.')
+  _seed = flags.DEFINE_integer('seed', 0, 'Suite seed: world, train and reference splits.')
+  _draw = flags.DEFINE_integer('draw_seed', None, 'Seed of the dev/test draw (default: --seed).')
   _output_dir = flags.DEFINE_string('output_dir', None, 'Where to write the files.', required=True)
   _include_train = flags.DEFINE_bool('include_train', True, 'Also write the train split.')
+  _settings_from = flags.DEFINE_string(
+    'settings_from', None, 'Copy the C3PO settings chosen on dev from this suite directory.'
+  )
   app.run(
     lambda argv: main(
-      argv, seed=_seed.value, output_dir=_output_dir.value, include_train=_include_train.value
+      argv,
+      seed=_seed.value,
+      draw_seed=_draw.value,
+      output_dir=_output_dir.value,
+      include_train=_include_train.value,
+      settings_from=_settings_from.value,
     )
   )

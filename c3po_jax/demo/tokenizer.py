@@ -1,11 +1,10 @@
 """A small byte-level BPE tokenizer for the demo model, trained on the suite.
 
-GPT-2's byte-level pre-tokenization with one change: each digit is its own
-pre-token (the leading space stays with the first digit, ' 42' -> ' 4' '2'),
-so numbers are spelled digit by digit and arithmetic can be learned as an
-algorithm rather than a table. Answer letters ' A'..' E' are single tokens.
-Saved in the Hugging Face format (tokenizer.json + tokenizer_config.json),
-loadable with transformers.PreTrainedTokenizerFast / AutoTokenizer.
+GPT-2's byte-level pre-tokenization; with a 1024-token budget every number of
+the suite (0..99, with its leading space) becomes one token, so matching a
+value to its option is a one-token comparison. Answer letters ' A'..' E' are
+single tokens. Saved in the Hugging Face format (tokenizer.json +
+tokenizer_config.json), loadable with transformers.PreTrainedTokenizerFast.
 """
 
 from __future__ import annotations
@@ -13,26 +12,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from c3po_jax.demo import prompts
 
 PAD = '<|pad|>'
 EOS = '<|endoftext|>'
 SPECIAL_TOKENS = (PAD, EOS)  # ids 0 and 1
-# GPT-2's pattern with single digits (' ?\p{N}' instead of ' ?\p{N}+').
-_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
   """BPE trained on texts (deterministic for the same texts in the same order)."""
   tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence(
-    [
-      pre_tokenizers.Split(Regex(_PATTERN), behavior='isolated'),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ]
-  )
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size,
