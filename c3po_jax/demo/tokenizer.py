@@ -1,10 +1,11 @@
 """A small byte-level BPE tokenizer for the demo model, trained on the suite.
 
 GPT-2's byte-level pre-tokenization; with a 1024-token budget every number of
-the suite (0..99, with its leading space) becomes one token, so matching a
-value to its option is a one-token comparison. Answer letters ' A'..' E' are
-single tokens. Saved in the Hugging Face format (tokenizer.json +
-tokenizer_config.json), loadable with transformers.PreTrainedTokenizerFast.
+the suite (0..99, with its leading space) and every name answer becomes one
+token, so an rc answer is decided at the prompt's last token (in an mc suite
+the letters ' A'..' E' are single tokens). Saved in the Hugging Face format
+(tokenizer.json + tokenizer_config.json), loadable with
+transformers.PreTrainedTokenizerFast.
 """
 
 from __future__ import annotations
