@@ -46,6 +46,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks import torch_c3po
+
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 8, 'Test samples Q in one batch.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'Tokens per prompt (test and neighbours).')
 _K = flags.DEFINE_integer('k', 3, 'Neighbours per test sample.')
@@ -162,38 +164,6 @@ def _median_seconds(fns: dict, rounds: int) -> dict:
   return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def _c3po_moe(torch, block, state: dict, layer: int):
-  """transformers' MoE block with the public C3PO last-position override.
-
-  Router softmax in float32; the last position's row replaced by
-  state[layer] (zeros set to 1e-10) over its sum; top-k on the replaced row;
-  then the block's own experts. Wraps one module instance.
-  """
-
-  class C3poMoe(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.block = block
-
-    def forward(self, hidden_states):
-      b, t, d = hidden_states.shape
-      gate = self.block.gate
-      flat = hidden_states.reshape(-1, d)
-      logits = torch.nn.functional.linear(flat, gate.weight)
-      probs = torch.softmax(logits, dim=-1, dtype=torch.float).reshape(b, t, -1).clone()
-      w = state[layer].float()
-      w = torch.where(w > 0, w, torch.full_like(w, 1e-10))
-      probs[:, -1, :] = w / w.sum(dim=-1, keepdim=True)
-      top_w, top_i = torch.topk(probs, gate.top_k, dim=-1)
-      if gate.norm_topk_prob:
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-      top_w = top_w.to(logits.dtype)
-      out = self.block.experts(flat, top_i.reshape(b * t, -1), top_w.reshape(b * t, -1))
-      return out.reshape(b, t, d)
-
-  return C3poMoe()
-
-
 def _torch_ngd(
   torch, model, state, layers, tokens, letters, gold, w, base, core, steps, lr, lr_end, keep
 ):
@@ -303,7 +273,7 @@ def main(argv):
   state = {}
   layers = model.model.layers
   for layer in spec.layers:
-    layers[layer].mlp = _c3po_moe(torch, layers[layer].mlp, state, layer)
+    layers[layer].mlp = torch_c3po.c3po_moe(torch, layers[layer].mlp, state, layer)
   letters = [c[0] for c in neighbours[0].continuations]
   nb_tokens = torch.from_numpy(np.asarray(flat.tokens[:, 0]).astype(np.int64)).reshape(q, k, t)
   gold = torch.from_numpy(np.asarray(flat.gold).astype(np.int64)).reshape(q, k)

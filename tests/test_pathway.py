@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from benchmarks.torch_c3po import c3po_moe
 from models.olmoe import routing, transformer
 from models.olmoe.config import TINY
 
@@ -162,39 +163,6 @@ def test_jit_traces_pathway_values_not_keys():
   assert traces == [(1,), (1, 2)]
 
 
-def c3po_moe(torch, block, custom):
-  """An OLMoE MoE block with the public C3PO code's last-position override.
-
-  Wraps one transformers OlmoeSparseMoeBlock instance: router softmax in
-  float32, the last position's row replaced by the custom weights (zeros set
-  to 1e-10) over their sum, top-k on the replaced row, renormalized only if
-  norm_topk_prob, then the block's own experts.
-  """
-
-  class C3poMoe(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.block = block
-
-    def forward(self, hidden_states):
-      b, t, d = hidden_states.shape
-      gate = self.block.gate
-      flat = hidden_states.reshape(-1, d)
-      logits = torch.nn.functional.linear(flat, gate.weight)
-      probs = torch.softmax(logits, dim=-1, dtype=torch.float).reshape(b, t, -1).clone()
-      w = custom.float()
-      w = torch.where(w > 0, w, torch.full_like(w, 1e-10))
-      probs[:, -1, :] = w / w.sum(dim=-1, keepdim=True)
-      top_w, top_i = torch.topk(probs, gate.top_k, dim=-1)
-      if gate.norm_topk_prob:
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-      top_w = top_w.to(logits.dtype)
-      out = self.block.experts(flat, top_i.reshape(b * t, -1), top_w.reshape(b * t, -1))
-      return out.reshape(b, t, d)
-
-  return C3poMoe()
-
-
 @pytest.mark.parametrize('norm_topk_prob', [False, True])
 def test_override_matches_public_c3po_semantics(norm_topk_prob):
   torch = pytest.importorskip('torch')
@@ -221,7 +189,7 @@ def test_override_matches_public_c3po_semantics(norm_topk_prob):
   for w1, w2 in (dense, sparse):
     # Instance-level replacement of the last two layers' MoE blocks.
     for i, (block, w) in enumerate(zip(originals, (w1, w2))):
-      layers[n_layers - 2 + i].mlp = c3po_moe(torch, block, torch.from_numpy(w).float())
+      layers[n_layers - 2 + i].mlp = c3po_moe(torch, block, {0: torch.from_numpy(w).float()}, 0)
     try:
       with torch.no_grad():
         want = model(torch.from_numpy(tokens).long()).logits.numpy()

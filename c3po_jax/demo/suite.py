@@ -283,10 +283,17 @@ def write_suite(suite: Suite, output_dir: str, *, include_train: bool = True) ->
     files[name] = {'rows': len(rows), 'sha256': digest, 'written': not is_train or include_train}
   out = manifest(suite)
   out['files'] = files
-  with open(os.path.join(output_dir, MANIFEST), 'w') as f:
+  write_manifest(output_dir, out)
+  return out
+
+
+def write_manifest(suite_dir: str, out: dict) -> None:
+  """Writes suite.json (through a temporary file, so a reader never sees half of it)."""
+  path = os.path.join(suite_dir, MANIFEST)
+  with open(path + '.tmp', 'w') as f:
     json.dump(out, f, indent=2, sort_keys=True)
     f.write('\n')
-  return out
+  os.replace(path + '.tmp', path)
 
 
 def read_manifest(suite_dir: str) -> dict:
@@ -304,9 +311,7 @@ def copy_settings(source_dir: str, output_dir: str) -> None:
     raise ValueError(f'{source_dir}/{MANIFEST} has no c3po_settings to copy')
   out = read_manifest(output_dir)
   out['c3po_settings'] = settings
-  with open(os.path.join(output_dir, MANIFEST), 'w') as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-    f.write('\n')
+  write_manifest(output_dir, out)
 
 
 def main(

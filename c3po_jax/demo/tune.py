@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 from absl import app, flags, logging
 
 from c3po_jax import suite_run
+from c3po_jax.demo import suite
 from c3po_jax.run_config import RunConfig
 
 TUNED = ('lr', 'max_similarity')
@@ -58,13 +58,9 @@ def tune(base: RunConfig, suite_dir: str, lrs: list[float], max_similarities: li
 
 
 def write_settings(suite_dir: str, entry: dict) -> None:
-  path = os.path.join(suite_dir, 'suite.json')
-  manifest = suite_run.read_suite(suite_dir)
+  manifest = suite.read_manifest(suite_dir)
   manifest['c3po_settings'] = entry
-  with tempfile.NamedTemporaryFile('w', dir=suite_dir, delete=False) as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(f.name, path)
+  suite.write_manifest(suite_dir, manifest)
 
 
 def main(argv):
