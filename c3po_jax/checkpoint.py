@@ -9,16 +9,26 @@ Our format (written by `save_checkpoint`, atomically):
 
 `load_checkpoint` also accepts a local Hugging Face OLMoE snapshot, converted
 in memory by `hf_snapshot.read_hf_checkpoint`. Problems raise CheckpointError
-(a ValueError) naming the file or tensor.
+(a ValueError) naming the file or tensor; parameters holding NaN or inf are
+refused.
+
+A save writes `.<name>.tmp-<host>-<pid>-*` next to the output and, when it
+replaces one, first moves the old one into `.<name>.old-<host>-<pid>-*`. If the
+process is killed, the next save or load of that output cleans up what it
+left (only siblings whose process is gone, on this host) and, if the swap was
+cut between its two renames, puts the old checkpoint back.
 
 Dimensions: D model, V vocab, E experts, F expert hidden.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 
@@ -36,6 +46,25 @@ FORMAT = 'c3po-jax/olmoe'
 FORMAT_VERSION = 1
 METADATA_FILE = 'c3po_checkpoint.json'
 PARAMS_DIR = 'params'
+# Parameter dtypes a checkpoint may be cast to: integer casts zero the weights.
+PARAM_DTYPES = ('bfloat16', 'float16', 'float32')
+
+
+def param_dtype(dtype):
+  """dtype as a jnp.dtype if it is one of PARAM_DTYPES (None stays None)."""
+  if dtype is None:
+    return None
+  try:
+    out = jnp.dtype(dtype)
+  except TypeError:
+    raise CheckpointError(
+      f'unknown dtype {dtype!r}; choose from {", ".join(PARAM_DTYPES)}'
+    ) from None
+  if out.name not in PARAM_DTYPES:
+    raise CheckpointError(
+      f'dtype {out.name} cannot hold model weights; choose from {", ".join(PARAM_DTYPES)}'
+    )
+  return out
 
 
 def _is_shape(x) -> bool:
@@ -104,23 +133,25 @@ def save_checkpoint(
   *,
   extra_files: Sequence[str] = (),
   overwrite: bool = False,
+  keep: Sequence[str] = (),
 ) -> str:
   """Writes params (numpy or jax leaves) in our format; returns the directory.
 
   Writes into a hidden temporary sibling and renames it at the end, so an
   interrupted save leaves nothing at output_dir (and the temporary directory,
   if a crash leaves one, has no metadata file, so it does not load).
+  overwrite replaces only one of our checkpoints (or an empty directory), and
+  never one that is or holds a directory of `keep` (e.g. the input).
   """
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and not overwrite:
-    raise CheckpointError(f'{output_dir} already exists; pass overwrite=True (--overwrite)')
+  check_output_dir(output_dir, overwrite, keep)
   _check_tree(params, config, 'the parameters to save')
   for path in extra_files:
     if not os.path.isfile(path):
       raise CheckpointError(f'extra file {path} does not exist')
   parent, base = os.path.split(output_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=parent)
+  tmp = tempfile.mkdtemp(prefix=f'.{base}.tmp-{_owner()}-', dir=parent)
   try:
     _write_json(os.path.join(tmp, CONFIG_FILE), config.to_hf_config())
     for path in extra_files:
@@ -129,9 +160,11 @@ def save_checkpoint(
     metadata = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'dtype': _dtype_name(params)}
     _write_json(os.path.join(tmp, METADATA_FILE), metadata)
     if os.path.exists(output_dir):
-      old = tempfile.mkdtemp(prefix=f'.{base}.old-', dir=parent)
+      # Old aside, new in, then delete the old: a kill between the renames
+      # leaves the old one aside, and `recover` puts it back.
+      old = tempfile.mkdtemp(prefix=f'.{base}.old-{_owner()}-', dir=parent)
       os.rename(output_dir, os.path.join(old, base))
-      os.rename(tmp, output_dir)
+      _rename_in(tmp, output_dir)
       _remove_tree(old)
     else:
       os.rename(tmp, output_dir)
@@ -142,8 +175,92 @@ def save_checkpoint(
   return output_dir
 
 
+def _rename_in(src: str, dst: str) -> None:
+  os.rename(src, dst)
+
+
 def _remove_tree(path: str) -> None:
   shutil.rmtree(path, ignore_errors=True)
+
+
+def _host() -> str:
+  return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+  """Names the saving process in its temporary siblings: host hash and pid."""
+  return f'{_host()}-{os.getpid()}'
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def _stale_siblings(output_dir: str) -> list[tuple[str, str]]:
+  """(kind, path) of temporary siblings whose saving process is gone from this host."""
+  parent, base = os.path.split(output_dir)
+  if not os.path.isdir(parent):
+    return []
+  pattern = re.compile(re.escape(f'.{base}.') + r'(tmp|old)-([0-9a-f]{8})-(\d+)-[^/]*')
+  out = []
+  for name in sorted(os.listdir(parent)):
+    m = pattern.fullmatch(name)
+    if m and m.group(2) == _host() and not _alive(int(m.group(3))):
+      out.append((m.group(1), os.path.join(parent, name)))
+  return out
+
+
+def recover(output_dir: str) -> None:
+  """Cleans up after a killed save into output_dir (see the module docstring)."""
+  output_dir = os.path.abspath(output_dir)
+  for kind, path in _stale_siblings(output_dir):
+    aside = os.path.join(path, os.path.basename(output_dir))
+    if kind == 'old' and not os.path.exists(output_dir) and is_ours(aside):
+      logging.warning('A save was killed mid-swap: restoring %s from %s.', output_dir, aside)
+      os.rename(aside, output_dir)
+    logging.warning('Removing %s, left by a killed save.', path)
+    _remove_tree(path)
+
+
+def is_ours(path: str) -> bool:
+  """Whether path is a complete checkpoint written by save_checkpoint."""
+  try:
+    return hf_snapshot.read_json(os.path.join(path, METADATA_FILE)).get('format') == FORMAT
+  except CheckpointError:
+    return False
+
+
+def _within(path: str, directory: str) -> bool:
+  path, directory = os.path.realpath(path), os.path.realpath(directory)
+  return os.path.commonpath([path, directory]) == directory
+
+
+def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[str] = ()) -> None:
+  """Raises CheckpointError unless a save may write (or replace) output_dir."""
+  recover(output_dir)
+  for path in keep:
+    if _within(path, output_dir):
+      raise CheckpointError(
+        f'the output {output_dir} is (or holds) the input {path}; choose another output directory'
+      )
+  if not os.path.lexists(output_dir):
+    return
+  if not overwrite:
+    raise CheckpointError(f'{output_dir} already exists; pass overwrite=True (--overwrite)')
+  if os.path.islink(output_dir) or not os.path.isdir(output_dir):
+    raise CheckpointError(f'{output_dir} is not a directory; refusing to replace it')
+  if os.listdir(output_dir) and not is_ours(output_dir):
+    raise CheckpointError(
+      f'{output_dir} is not a c3po-jax checkpoint (no {METADATA_FILE} of format {FORMAT!r}); '
+      '--overwrite replaces only a converted checkpoint: remove it yourself or choose another '
+      'output directory'
+    )
 
 
 def is_converted(path: str) -> bool:
@@ -224,11 +341,15 @@ def load_checkpoint(path: str, dtype=None, shardings=None) -> tuple[OlmoeConfig,
     The config and the parameter tree (jax.Array leaves).
   """
   path = os.path.abspath(path)
+  dtype = param_dtype(dtype)
+  if not os.path.isdir(path):
+    recover(path)
   if not os.path.isdir(path):
     raise CheckpointError(f'checkpoint directory {path} does not exist')
-  dtype = None if dtype is None else jnp.dtype(dtype)
   if is_converted(path):
-    return _load_converted(path, dtype, shardings)
+    config, params = _load_converted(path, dtype, shardings)
+    _check_finite(params, path)
+    return config, params
   hf = hf_snapshot.read_hf_checkpoint(path, dtype)
   config, leaves, treedef = hf.config, *jax.tree.flatten(hf.params)
   del hf
@@ -238,4 +359,20 @@ def load_checkpoint(path: str, dtype=None, shardings=None) -> tuple[OlmoeConfig,
     # Leaf by leaf, waiting for each transfer to release its numpy source, so
     # host memory holds the tree plus at most one leaf.
     leaves[i] = jax.device_put(leaves[i], placement).block_until_ready()
-  return config, jax.tree.unflatten(treedef, leaves)
+  params = jax.tree.unflatten(treedef, leaves)
+  _check_finite(params, path)  # the stored tensors were finite; a cast may overflow
+  return config, params
+
+
+def _check_finite(params: dict, where: str) -> None:
+  """Refuses parameters holding NaN or inf: they run, and score 0% silently."""
+  bad = [
+    jax.tree_util.keystr(p)
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if not bool(jnp.isfinite(x).all())
+  ]
+  if bad:
+    raise CheckpointError(
+      f'{where}: non-finite (NaN or inf) values in {len(bad)} parameter(s), e.g. '
+      f'{", ".join(bad[:3])}; the checkpoint is corrupt (or the dtype overflows)'
+    )

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from c3po_jax import checkpoint, hf_snapshot
+from c3po_jax import checkpoint, cli, hf_snapshot
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 
@@ -83,12 +83,9 @@ def convert(
 ) -> ConversionResult:
   """Converts the HF snapshot at hf_dir and writes our checkpoint at output_dir."""
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and not overwrite:
-    # Fail before reading gigabytes of weights.
-    raise checkpoint.CheckpointError(
-      f'{output_dir} already exists; pass overwrite=True (--overwrite)'
-    )
-  dtype = jnp.dtype(dtype)
+  # Fail before reading gigabytes of weights; never replace the input.
+  checkpoint.check_output_dir(output_dir, overwrite, keep=(hf_dir,))
+  dtype = checkpoint.param_dtype(dtype)
   config = hf_snapshot.read_config(hf_dir)
   terms = conversion_peak_terms(config, dtype)
   logging.info(
@@ -104,7 +101,7 @@ def convert(
   extra = [os.path.join(hf_dir, f) for f in TOKENIZER_FILES]
   extra = [p for p in extra if os.path.isfile(p)]
   checkpoint.save_checkpoint(
-    output_dir, hf.config, hf.params, extra_files=extra, overwrite=overwrite
+    output_dir, hf.config, hf.params, extra_files=extra, overwrite=overwrite, keep=(hf_dir,)
   )
   return ConversionResult(
     output_dir=output_dir,
@@ -121,21 +118,21 @@ def _define_flags() -> None:
   flags.DEFINE_string('hf_dir', None, 'Local Hugging Face OLMoE snapshot directory.')
   flags.DEFINE_string('output_dir', None, 'Where to write the converted checkpoint.')
   flags.DEFINE_enum('dtype', 'bfloat16', DTYPES, 'Parameter dtype of the output.')
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing output_dir.')
+  flags.DEFINE_bool(
+    'overwrite', False, 'Replace output_dir if it is a converted checkpoint (never the input).'
+  )
   flags.mark_flags_as_required(['hf_dir', 'output_dir'])
 
 
 def main(argv):
+  """Errors are one `error:` line (see `cli`); --verbosity=1 shows the traceback."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  try:
-    result = convert(f.hf_dir, f.output_dir, dtype=f.dtype, overwrite=f.overwrite)
-  except ValueError as e:  # CheckpointError, ConversionError, ConfigError: say what, no trace.
-    raise SystemExit(f'error: {e}') from None
+  result = convert(f.hf_dir, f.output_dir, dtype=f.dtype, overwrite=f.overwrite)
   logging.info('Wrote %s: %d tensors.', result.output_dir, len(result.consumed))
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -71,6 +71,8 @@ def hf_weight_files(hf_dir: str) -> list[str]:
     if not isinstance(weight_map, dict) or not weight_map:
       raise CheckpointError(f'{index_path} has no weight_map')
     files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+      _check_inside(name, index_path)
   elif os.path.isfile(single):
     files = [SAFETENSORS_FILE]
   elif any(os.path.exists(os.path.join(hf_dir, p)) for p in PICKLE_FILES):
@@ -86,6 +88,32 @@ def hf_weight_files(hf_dir: str) -> list[str]:
     if not os.path.isfile(path):
       raise CheckpointError(f'shard {path} listed in {SAFETENSORS_INDEX} does not exist')
   return paths
+
+
+def _check_inside(name, index_path: str) -> None:
+  """Refuses a weight-map entry that could point outside the snapshot.
+
+  Only the name is checked, never its resolved target: a hub cache snapshot
+  is a directory of symlinks into `../../blobs/`, which must keep working.
+  """
+  if not isinstance(name, str) or not name:
+    raise CheckpointError(f'{index_path}: weight_map entry {name!r} is not a file name')
+  parts = name.replace('\\', '/').split('/')
+  if os.path.isabs(name) or name.startswith(('/', '\\')) or '..' in parts or ':' in parts[0]:
+    raise CheckpointError(
+      f'{index_path}: weight_map entry {name!r} points outside the snapshot directory '
+      '(absolute, or with ".."); refusing to read it'
+    )
+
+
+def check_finite(name: str, array: np.ndarray, where: str) -> None:
+  """Refuses a floating-point tensor holding NaN or inf (it would run, silently wrong)."""
+  if jnp.issubdtype(array.dtype, jnp.floating) and not np.isfinite(array).all():
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    raise CheckpointError(
+      f'tensor {name!r} in {where} has {bad} non-finite (NaN or inf) values; '
+      'the checkpoint is corrupt'
+    )
 
 
 _SAFETENSORS_DTYPES = {
@@ -199,6 +227,7 @@ def read_hf_checkpoint(hf_dir: str, dtype=None) -> HFCheckpoint:
       if config.tie_word_embeddings and name == 'lm_head.weight':
         skipped.append(name)  # Tied: the head is the embedding.
         continue
+      check_finite(name, array, source)
       assembler.add(name, array, source=source)
       count += 1
       del array
