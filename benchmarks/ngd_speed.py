@@ -53,6 +53,7 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'Tokens per prompt (test and nei
 _K = flags.DEFINE_integer('k', 3, 'Neighbours per test sample.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'NGD steps.')
 _CRITICAL = flags.DEFINE_integer('critical_layers', 5, 'The last C layers are optimized.')
+_PARAM = flags.DEFINE_enum('pathway_param', 'weights', ['weights', 'logits'], 'What NGD optimizes.')
 _CORE = flags.DEFINE_integer('core_experts', 20, 'Core experts per critical layer.')
 _MODE = flags.DEFINE_enum(
   'opt_pathway_mode', 'topk', ['topk', 'dense'], 'Pathway mode while optimizing (torch: topk).'
@@ -164,23 +165,40 @@ def _median_seconds(fns: dict, rounds: int) -> dict:
   return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def _torch_project(v, mass):
+  """Euclidean projection of v [C, K] onto {w >= 0, sum w = mass [C, 1]} (sort-based)."""
+  import torch
+
+  u = torch.sort(v, dim=-1, descending=True).values
+  css = torch.cumsum(u, dim=-1) - mass
+  idx = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype)
+  rho = (u - css / idx > 0).sum(dim=-1, keepdim=True)
+  tau = torch.gather(css, 1, rho - 1) / rho
+  return torch.clamp(v - tau, min=0.0)
+
+
 def _torch_ngd(
-  torch, model, state, layers, tokens, letters, gold, w, base, core, steps, lr, lr_end, keep
+  torch, model, state, layers, tokens, letters, gold, w, base, core, steps, lr, lr_end, keep, param
 ):
-  """Naive NGD of one test sample: (q [C, Kc], losses [steps + 1]).
+  """Naive NGD of one test sample: (core weights [C, Kc], losses [steps + 1]).
 
   tokens [k, T] of its neighbours; base [C, E] and core [C, Kc] its routing;
-  keep: logits_to_keep (1: the last position only; 0: all).
+  keep: logits_to_keep (1: the last position only; 0: all); param: 'weights'
+  (projected onto the simplex of the core mass after each step) or 'logits'.
   """
   import math
 
   mass = torch.gather(base, 1, core).sum(dim=1, keepdim=True)  # [C, 1]
-  theta = torch.log(torch.gather(base, 1, core) / mass).clone().requires_grad_(True)
+  if param == 'weights':
+    theta = torch.gather(base, 1, core).clone().requires_grad_(True)
+    to_w = lambda t: t
+  else:
+    theta = torch.log(torch.gather(base, 1, core) / mass).clone().requires_grad_(True)
+    to_w = lambda t: torch.softmax(t, dim=-1) * mass
   opt = torch.optim.Adam([theta], lr=lr)
 
   def loss_fn():
-    q = torch.softmax(theta, dim=-1)
-    full = base.scatter(1, core, q * mass)  # [C, E]
+    full = base.scatter(1, core, to_w(theta))  # [C, E]
     for i, layer in enumerate(layers):
       state[layer] = full[i].expand(tokens.shape[0], -1)
     logits = model(input_ids=tokens, logits_to_keep=keep, use_cache=False).logits[:, -1]  # [k, V]
@@ -196,10 +214,13 @@ def _torch_ngd(
     loss = loss_fn()
     loss.backward()
     opt.step()
+    if param == 'weights':
+      with torch.no_grad():
+        theta.copy_(_torch_project(theta, mass))
     losses.append(loss.item())
   with torch.no_grad():
     losses.append(loss_fn().item())
-  return torch.softmax(theta, dim=-1).detach(), losses
+  return to_w(theta).detach(), losses
 
 
 def main(argv):
@@ -227,9 +248,9 @@ def main(argv):
   nb = jax.tree.map(lambda x: x.reshape((q, k) + x.shape[1:]), flat)  # [Q, k, ...]
   w = jnp.asarray(weights)
   spec = pw_lib.PathwaySpec.make(
-    BENCH.num_hidden_layers, BENCH.num_experts, _CRITICAL.value, _CORE.value
+    BENCH.num_hidden_layers, BENCH.num_experts, f'last:{_CRITICAL.value}', _CORE.value
   )
-  mc = methods.MethodConfig(ngd_steps=_STEPS.value)
+  mc = methods.MethodConfig(ngd_steps=_STEPS.value, pathway_param=_PARAM.value)
   compile_s, rows = {}, {}
 
   # (a) base inference.
@@ -262,11 +283,11 @@ def main(argv):
   if _ALSO_DENSE.value and _MODE.value != 'dense':
     fns['ngd_dense'] = ngd_runner('ngd_dense', engine.BACKENDS['prefix'], 'dense')[0]
   rows.update({k: t / q for k, t in _median_seconds(fns, _REPEATS.value).items()})
-  trace = run_ngd()
+  trace = run_ngd().trace
   # (c) naive JAX, the same batch (one timed call: it is the slow one).
   run_naive, _, _ = ngd_runner('naive_jax', engine.NaiveLoss, _MODE.value)
   start = time.perf_counter()
-  naive_trace = jax.block_until_ready(run_naive())
+  naive_trace = jax.block_until_ready(run_naive()).trace
   rows['naive_jax'] = (time.perf_counter() - start) / q
 
   # (d) naive PyTorch, one sample at a time.
@@ -294,6 +315,7 @@ def main(argv):
       mc.lr,
       mc.lr_end,
       1 if _TORCH_LAST_LOGITS.value else 0,
+      mc.pathway_param,
     )
 
   torch_sample(0, 1)  # warm-up
@@ -306,9 +328,9 @@ def main(argv):
   tq, tl = torch_out[0]
   check = {
     'naive_jax_vs_ngd_max_dloss': float(np.max(np.abs(naive_trace.losses - trace.losses))),
-    'naive_jax_vs_ngd_max_dq': float(np.max(np.abs(naive_trace.q - trace.q))),
+    'naive_jax_vs_ngd_max_dw': float(np.max(np.abs(naive_trace.w - trace.w))),
     'torch_vs_ngd_max_dloss': float(np.max(np.abs(np.asarray(tl) - np.asarray(trace.losses[0])))),
-    'torch_vs_ngd_max_dq': float(np.max(np.abs(tq.numpy() - np.asarray(trace.q[0])))),
+    'torch_vs_ngd_max_dw': float(np.max(np.abs(tq.numpy() - np.asarray(trace.w[0])))),
   }
 
   load = os.getloadavg()

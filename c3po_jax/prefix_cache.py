@@ -31,8 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from c3po_jax import pathway as pw_lib
-from c3po_jax import scoring
+from c3po_jax import neighbour_loss, scoring
 from models.olmoe import layers, routing, transformer
 from models.olmoe import moe as moe_lib
 from models.olmoe.config import OlmoeConfig
@@ -213,8 +212,7 @@ def _window_moe(p, h, config: OlmoeConfig, pathway, pathway_mode: str):
   weights, indices = routing.top_k(probs, k, config.norm_topk_prob)  # [NS, U, K]
   dense_row = None
   if pathway is not None and pathway_mode == 'dense':
-    w = jnp.maximum(pathway.astype(jnp.float32), 0.0)
-    dense_row = w / jnp.sum(w, axis=-1, keepdims=True)  # [NS, E]
+    dense_row = routing.dense_coefficients(pathway, config.norm_topk_prob)  # [NS, E]
   if ns * u * k <= e:
     combine = routing.combine_weights(weights, indices, e)  # [NS, U, E]
     if dense_row is not None:
@@ -264,21 +262,24 @@ def _window_layer(
   return x + _window_moe(p['moe'], h, config, pathway, pathway_mode)
 
 
-def make_loss(params, config: OlmoeConfig, ec):
-  """loss_fn(q [C, Kc], cs, st: PrefixState [N, ...], weights [N]) -> scalar."""
-  first = min(ec.spec.layers)
-  logits_only = ec.loss == 'choice_ce'
+def make_scores(params, config: OlmoeConfig, ec, mode: str, *, logits_only: bool = False):
+  """scores_fn(w [C, Kc], cs, st: PrefixState [N, ...], anchors=None) -> scores [N, C].
 
-  def loss_fn(q, cs, st: PrefixState, weights):
-    pathway = pw_lib.to_pathway(q, cs, ec.spec)
+  The pathway built from the core weights w enters in `mode` at each
+  sequence's window token (see `neighbour_loss.neighbour_pathway`).
+  """
+  first = min(ec.spec.layers)
+
+  def scores_fn(w, cs, st: PrefixState, anchors=None):
     n, s, u, _ = st.x.shape
     ns = n * s
+    pathway = neighbour_loss.neighbour_pathway(w, cs, ec.spec, mode, anchors, n, s)
     x = _flat(st.x)  # [NS, U, D]
     key_valid, positions, slots = _flat(st.key_valid), _flat(st.positions), _flat(st.slots)
     for j, i in enumerate(range(first, config.num_hidden_layers)):
       pw = pathway.get(i)
       if pw is not None:
-        pw = jnp.broadcast_to(pw, (ns, pw.shape[-1]))
+        pw = pw.reshape(ns, pw.shape[-1])
       x = _window_layer(
         params[transformer.layer_name(i)],
         x,
@@ -288,16 +289,22 @@ def make_loss(params, config: OlmoeConfig, ec):
         key_valid=key_valid,
         cache=transformer.LayerCache(k=_flat(st.k[:, :, j]), v=_flat(st.v[:, :, j])),
         pathway=pw,
-        pathway_mode=ec.opt_pathway_mode,
+        pathway_mode=mode,
       )
     hidden = layers.rms_norm(x, params['final_norm'], config.rms_norm_eps)
     hidden = hidden.reshape(n, s, u, -1)
-    scores = window_scores(params, config, hidden, st, logits_only=logits_only)
-    per = scoring.choice_loss(scores, st.gold, st.choice_valid, ec.loss)  # [N]
-    w = weights.astype(jnp.float32)
-    return jnp.sum(w * per) / jnp.maximum(jnp.sum(w), 1e-12)
+    return window_scores(params, config, hidden, st, logits_only=logits_only)
 
-  return loss_fn
+  return scores_fn
+
+
+def make_loss(params, config: OlmoeConfig, ec, mode: str | None = None):
+  """loss_fn(w [C, Kc], cs, st: PrefixState [N, ...], weights [N], anchors=None) -> scalar."""
+  # The choice loss compares choices only: logits of the choice tokens suffice.
+  scores_fn = make_scores(
+    params, config, ec, mode or ec.opt_pathway_mode, logits_only=ec.loss == 'choice_ce'
+  )
+  return neighbour_loss.weighted_loss(scores_fn, ec.loss)
 
 
 def fit(state: PrefixState, num_tokens: int, window: int) -> PrefixState:
@@ -347,7 +354,11 @@ class PrefixLoss:
     return prepare(params, config, min(ec.spec.layers), data)
 
   @staticmethod
-  def make_loss(params, config: OlmoeConfig, ec):
-    return make_loss(params, config, ec)
+  def make_scores(params, config: OlmoeConfig, ec, mode: str):
+    return make_scores(params, config, ec, mode)
+
+  @staticmethod
+  def make_loss(params, config: OlmoeConfig, ec, mode: str | None = None):
+    return make_loss(params, config, ec, mode)
 
   fit = staticmethod(fit)

@@ -167,13 +167,19 @@ class Analysis:
   last_hidden: jax.Array  # [B, D] final hidden state at the last context token
   router_logits: jax.Array  # [B, L, E] at the last context token
   router_probs: jax.Array  # [B, L, E] at the last context token, as used
+  # [B, S, L, E] at each sequence's last context token (they differ where the
+  # choices have their own contexts, e.g. WinoGrande), as used.
+  seq_router_probs: jax.Array
 
 
-def _expand_pathway(pathway: transformer.Pathway | None, s: int):
-  """Per-sample pathway [B, E] -> per-sequence [B*S, E]."""
+def _expand_pathway(pathway: transformer.Pathway | None, b: int, s: int):
+  """Per-sample [B, E] or per-sequence [B, S, E] pathway -> per-sequence [B*S, E]."""
   if pathway is None:
     return None
-  return {k: jnp.repeat(v, s, axis=0) for k, v in pathway.items()}
+  out = {}
+  for k, v in pathway.items():
+    out[k] = v.reshape(b * s, v.shape[-1]) if v.ndim == 3 else jnp.repeat(v, s, axis=0)
+  return out
 
 
 def analyze(
@@ -187,7 +193,7 @@ def analyze(
   """Scores every choice; returns last-context-token states of sequence 0.
 
   `pathway` maps layer -> [B, E] (one pathway per sample, applied at the last
-  context token of each of its sequences).
+  context token of each of its sequences) or [B, S, E] (one per sequence).
   """
   b, s, t = batch.tokens.shape
   out = transformer.forward_hidden(
@@ -195,7 +201,7 @@ def analyze(
     batch.tokens.reshape(b * s, t),
     config=config,
     attention_mask=batch.mask.reshape(b * s, t),
-    pathway=_expand_pathway(pathway, s),
+    pathway=_expand_pathway(pathway, b, s),
     pathway_mode=pathway_mode,
     pathway_index=batch.ctx_last.reshape(b * s),
   )
@@ -213,12 +219,15 @@ def analyze(
   seq0 = jnp.arange(b) * s
   last_hidden = hidden[jnp.arange(b), 0, idx0]
   r_logits = out.router_logits[:, seq0, idx0]  # [L, B, E]
-  r_probs = out.router_probs[:, seq0, idx0]
+  flat_last = batch.ctx_last.reshape(b * s)
+  seq_probs = out.router_probs[:, jnp.arange(b * s), flat_last]  # [L, B*S, E]
+  seq_probs = jnp.moveaxis(seq_probs.reshape((-1, b, s) + seq_probs.shape[2:]), 0, 2)
   return Analysis(
     scores=scores,
     last_hidden=last_hidden,
     router_logits=jnp.swapaxes(r_logits, 0, 1),
-    router_probs=jnp.swapaxes(r_probs, 0, 1),
+    router_probs=seq_probs[:, 0],
+    seq_router_probs=seq_probs,  # [B, S, L, E]
   )
 
 

@@ -49,6 +49,10 @@ def suite_settings(manifest: dict) -> dict:
   if unknown:
     raise ValueError(f'suite c3po_settings has unknown RunConfig fields {sorted(unknown)}')
   out.update(settings)
+  if isinstance(out.get('critical_layers'), int):  # older manifests: an int was "the last N"
+    out['critical_layers'] = f'last:{out["critical_layers"]}'
+  elif isinstance(out.get('critical_layers'), list):
+    out['critical_layers'] = ','.join(str(i) for i in out['critical_layers'])
   return out
 
 

@@ -27,7 +27,7 @@ def _common(ckpt, tmp_path):
     max_test_samples=4,
     max_reference_samples=16,
     batch_size=2,
-    critical_layers=2,
+    critical_layers='last:2',
     core_experts=4,
     ngd_steps=2,
     cache_dir=str(tmp_path / 'cache'),
@@ -53,7 +53,7 @@ def test_cli_runs_every_method(ckpt, tmp_path):
     '--benchmark=arc_challenge',
     '--reference=openbookqa,sciq',
     '--max_reference_samples=12',
-    '--critical_layers=2',
+    '--critical_layers=last:2',
     '--core_experts=4',
   )
   summary = json.loads((out / 'summary.json').read_text())['methods']

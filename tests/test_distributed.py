@@ -49,7 +49,7 @@ RUN_FLAGS = (
   '--lr=0.5',
   # A random model's alpha search is a near-tie that rounding decides: fix alpha.
   '--kr_alpha=0.5',
-  '--critical_layers=1',
+  '--critical_layers=last:1',
   '--core_experts=4',
   '--max_similarity=1.0',  # a random model's embeddings are all alike
   '--batch_size=2',

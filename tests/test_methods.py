@@ -12,7 +12,7 @@ from c3po_jax import pathway as pw_lib
 from models.olmoe import transformer
 from models.olmoe.config import TINY
 
-SPEC = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 2, 6)
+SPEC = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 'last:2', 6)
 
 
 def _prompts(rng, n, fmt='mc', choices=3):
@@ -95,21 +95,29 @@ def test_neighbours_knn_eps_and_overlap():
     neighbours.find(query, refs[:0], k=2)
 
 
+def _uniform_slice(c, kc, mass=1.0):
+  """A CoreSlice whose core is every expert, with base mass `mass` per layer."""
+  base = jnp.full((c, kc), mass / kc)
+  return pw_lib.CoreSlice(base=base, core=jnp.tile(jnp.arange(kc, dtype=jnp.int32), (c, 1)))
+
+
 def test_kernel_regression_is_weighted_mean_when_alpha_fixed():
-  q0 = jnp.full((2, 3), 1 / 3)
-  qn = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(3), size=(4, 2)), jnp.float32)
+  cs = _uniform_slice(2, 3, mass=0.8)
+  w0 = pw_lib.base_weights(cs)
+  wn = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(3), size=(4, 2)), jnp.float32)
   w = jnp.asarray([0.5, 0.25, 0.25, 0.0])
   zero_loss = lambda q, cs, d, w: jnp.sum(q)
   trace, alpha = methods.kernel_regression(
-    zero_loss, None, None, w, q0, qn, methods.MethodConfig(kr_alpha=0.0)
+    zero_loss, cs, None, w, w0, wn, methods.MethodConfig(kr_alpha=0.0)
   )
-  want = 0.5 * qn[0] + 0.25 * qn[1] + 0.25 * qn[2]
-  np.testing.assert_allclose(trace.q, want, rtol=1e-6)
+  # The weighted mean of the neighbours' weights, rescaled to the core mass.
+  want = 0.8 * (0.5 * wn[0] + 0.25 * wn[1] + 0.25 * wn[2])
+  np.testing.assert_allclose(trace.w, want, rtol=1e-6)
   assert float(alpha) == 0.0
   # The alpha search picks the grid point with the lowest loss.
-  target = 0.3 * q0 + 0.7 * want
+  target = 0.3 * w0 + 0.7 * want
   loss = lambda q, cs, d, w: jnp.sum((q - target) ** 2)
-  trace, alpha = methods.kernel_regression(loss, None, None, w, q0, qn, methods.MethodConfig())
+  trace, alpha = methods.kernel_regression(loss, cs, None, w, w0, wn, methods.MethodConfig())
   np.testing.assert_allclose(float(alpha), 0.3, atol=1e-6)
 
 
@@ -123,10 +131,12 @@ def test_mode_finding_converges_to_the_dominant_mode():
       rng.dirichlet(mode_b * 200, size=10),
     ]
   )[:, None, :]  # [R, C=1, Kc=3]
-  q0 = jnp.asarray([[0.5, 0.25, 0.25]])
+  cs = pw_lib.CoreSlice(base=jnp.asarray([[0.5, 0.25, 0.25]]), core=jnp.asarray([[0, 1, 2]]))
   mc = methods.MethodConfig(mode_alpha=0.5, mode_iters=60, mode_neighbours=15)
-  trace = methods.mode_finding(q0, jnp.asarray(pts), jnp.ones(50, bool), mc)
-  np.testing.assert_allclose(trace.q[0], mode_a, atol=0.03)
+  trace = methods.mode_finding(
+    cs, pw_lib.base_weights(cs), jnp.asarray(pts), jnp.ones(50, bool), mc
+  )
+  np.testing.assert_allclose(trace.w[0], mode_a, atol=0.03)
   assert bool(trace.finite)
 
 
@@ -134,7 +144,7 @@ def test_mode_finding_converges_to_the_dominant_mode():
 def test_ngd_lowers_the_surrogate_loss(model, fmt):
   eng = _ngd_engine()
   _, nb, cs, w = _problem(model, eng, fmt=fmt)
-  trace = eng.ngd(model, cs, eng.prepare(model, nb), w)
+  trace = eng.ngd(model, cs, eng.prepare(model, nb), w).trace
   losses = np.asarray(trace.losses)
   assert np.all(np.asarray(trace.finite))
   assert np.all(losses[:, -1] < losses[:, 0] - 1e-4), losses
@@ -143,15 +153,15 @@ def test_ngd_lowers_the_surrogate_loss(model, fmt):
 def test_batched_equals_per_sample_and_is_deterministic(model):
   eng = _ngd_engine()
   _, nb, cs, w = _problem(model, eng)
-  batched = eng.ngd(model, cs, eng.prepare(model, nb), w)
-  again = eng.ngd(model, cs, eng.prepare(model, nb), w)
-  np.testing.assert_array_equal(batched.q, again.q)
+  batched = eng.ngd(model, cs, eng.prepare(model, nb), w).trace
+  again = eng.ngd(model, cs, eng.prepare(model, nb), w).trace
+  np.testing.assert_array_equal(batched.w, again.w)
   for i in range(3):
     one = lambda x, i=i: x[i : i + 1]
     single = eng.ngd(
       model, jax.tree.map(one, cs), eng.prepare(model, jax.tree.map(one, nb)), w[i : i + 1]
-    )
-    np.testing.assert_allclose(single.q[0], batched.q[i], atol=1e-5)
+    ).trace
+    np.testing.assert_allclose(single.w[0], batched.w[i], atol=1e-5)
     np.testing.assert_allclose(single.losses[0], batched.losses[i], rtol=1e-5)
 
 
@@ -159,13 +169,13 @@ def test_nan_falls_back_to_base(model):
   eng = _ngd_engine()
   _, nb, cs, w = _problem(model, eng)
   w = w.at[0].set(jnp.nan)
-  trace = eng.ngd(model, cs, eng.prepare(model, nb), w)
+  trace = eng.ngd(model, cs, eng.prepare(model, nb), w).trace
   assert not bool(trace.finite[0]) and bool(trace.finite[1])
-  np.testing.assert_allclose(trace.q[0], jax.vmap(pw_lib.base_q)(cs)[0], rtol=1e-6)
+  np.testing.assert_allclose(trace.w[0], jax.vmap(pw_lib.base_weights)(cs)[0], rtol=1e-6)
 
 
 def test_oracle_flips_wrong_answers_to_the_label(model):
-  spec = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 3, 0)
+  spec = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 'last:3', 0)
   eng = _engine(ngd_steps=30, lr=0.5, lr_end=0.05, spec=spec, eval_pathway_mode='dense')
   rng = np.random.default_rng(3)
   prompts = _prompts(rng, 12, 'mc')
@@ -175,8 +185,8 @@ def test_oracle_flips_wrong_answers_to_the_label(model):
   assert len(wrong) >= 3
   cs = eng.core_slices(base.router_probs)
   data = eng.prepare(model, jax.tree.map(lambda x: x[:, None], test))
-  trace = eng.ngd(model, cs, data, jnp.ones((12, 1)))
-  after = eng.analyze_remixed(model, test, cs, trace.q)
+  trace = eng.oracle(model, cs, data, base.seq_router_probs).trace
+  after = eng.analyze_remixed(model, test, cs, trace.w, base.seq_router_probs)
   pred = np.argmax(after.scores, -1)
   flipped = np.mean(pred[wrong] == np.asarray(test.gold)[wrong])
   assert flipped >= 0.5, (flipped, pred[wrong], np.asarray(test.gold)[wrong])
@@ -186,5 +196,7 @@ def test_identity_core_distribution_reproduces_base(model):
   eng = _ngd_engine()
   test, _, cs, _ = _problem(model, eng)
   base = eng.analyze(model, test)
-  same = eng.analyze_remixed(model, test, cs, jax.vmap(pw_lib.base_q)(cs))
+  same = eng.analyze_remixed(
+    model, test, cs, jax.vmap(pw_lib.base_weights)(cs), base.seq_router_probs
+  )
   np.testing.assert_allclose(same.scores, base.scores, atol=1e-5)

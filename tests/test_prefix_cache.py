@@ -73,14 +73,14 @@ def _batch(fmt: str, seed: int = 0) -> scoring.ChoiceBatch:
 
 
 def _slice(layers, seed=1):
-  """A random base routing, its core slice, and a q away from the base."""
+  """A random base routing, its core slice, and core weights away from the base."""
   spec = pw_lib.PathwaySpec.make(L, E, layers, NUM_CORE)
   base = jax.nn.softmax(2.0 * jax.random.normal(jax.random.key(seed), (L, E)), axis=-1)
   cs = pw_lib.core_slice(base, spec)
   q = jax.nn.softmax(
     jax.random.normal(jax.random.key(seed + 1), (len(spec.layers), NUM_CORE)), axis=-1
   )
-  return spec, cs, q
+  return spec, cs, q * cs.mass[:, None]
 
 
 WEIGHTS = jnp.asarray([0.5, 0.3, 0.2], jnp.float32)
@@ -180,19 +180,41 @@ def test_batched_ngd_equals_per_sample_and_compiles_once():
     single = eng.ngd(
       _params(), jax.tree.map(alone, cs), eng.prepare(_params(), jax.tree.map(alone, nb)), alone(w)
     )
-    np.testing.assert_allclose(single.q[0], batched.q[i], atol=TOL, rtol=0)
-    np.testing.assert_allclose(single.losses[0], batched.losses[i], atol=TOL, rtol=0)
+    np.testing.assert_allclose(single.trace.w[0], batched.trace.w[i], atol=TOL, rtol=0)
+    np.testing.assert_allclose(single.trace.losses[0], batched.trace.losses[i], atol=TOL, rtol=0)
   nb2, cs2, w2 = _engine_problem(seed=1)  # other samples, same buckets
   eng.ngd(_params(), cs2, eng.prepare(_params(), nb2), w2)
   assert (eng.ngd._cache_size(), eng.prepare._cache_size()) == sizes
 
 
-def test_kernel_regression_runs_on_the_same_backend():
+def test_kernel_regression_chooses_alpha_on_the_evaluation_mode_loss():
   eng = _engine()
+  assert (eng.ec.opt_pathway_mode, eng.ec.eval_pathway_mode) == ('dense', 'topk')
   nb, cs, w = _engine_problem(seed=0)
   data = eng.prepare(_params(), nb)
-  trace = eng.ngd(_params(), cs, data, w)
-  q_nb = jax.nn.softmax(jax.random.normal(jax.random.key(7), (3, 3, 2, NUM_CORE)), axis=-1)
-  kr, _ = eng.kernel_regression(_params(), cs, data, w, q_nb)
-  # The alpha grid's last point (alpha = 1) is q0, NGD's starting point.
-  np.testing.assert_allclose(kr.losses[:, -1], trace.losses[:, 0], atol=TOL, rtol=0)
+  w_nb = jax.nn.softmax(jax.random.normal(jax.random.key(7), (3, 3, 2, NUM_CORE)), axis=-1)
+  kr = eng.kernel_regression(_params(), cs, data, w, w_nb).trace
+  # The alpha grid's last point (alpha = 1) is the base pathway, scored in
+  # top-k mode as the result will be evaluated: the naive top-k forward.
+  naive = engine.NaiveLoss.make_loss(_params(), CONFIG, eng.ec, 'topk')
+  w0 = jax.vmap(pw_lib.base_weights)(cs)
+  want = jax.vmap(lambda c, d, wt, x: naive(x, c, d, wt))(cs, nb, w, w0)
+  np.testing.assert_allclose(kr.losses[:, -1], want, atol=TOL, rtol=0)
+  # ... which is not NGD's dense starting loss.
+  ngd = eng.ngd(_params(), cs, data, w).trace
+  assert float(jnp.max(jnp.abs(ngd.losses[:, 0] - kr.losses[:, -1]))) > 1e-4
+
+
+@pytest.mark.parametrize('mode', ['topk', 'dense'])
+def test_anchored_scores_equal_naive(mode):
+  """Per-sequence anchors (a sample's own rows, per-choice contexts) on both backends."""
+  spec, cs, w = _slice((1, 3))
+  data = _batch('rc')  # prompt 1 has one context per choice
+  ec = engine.EngineConfig(spec=spec, opt_pathway_mode=mode)
+  an = scoring.analyze(_params(), data, config=CONFIG)
+  anchors = an.seq_router_probs[:, :, jnp.asarray(spec.layers)]  # [N, S, C, E]
+  got = {}
+  for name, backend in engine.BACKENDS.items():
+    state = backend.prepare(_params(), CONFIG, ec, data)
+    got[name] = backend.make_scores(_params(), CONFIG, ec, mode)(w, cs, state, anchors)
+  np.testing.assert_allclose(got['prefix'], got['naive'], atol=TOL, rtol=0)

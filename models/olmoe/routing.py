@@ -44,6 +44,23 @@ def normalize_pathway(weights: jax.Array) -> jax.Array:
   return w / jnp.sum(w, axis=-1, keepdims=True)
 
 
+def dense_coefficients(weights: jax.Array, norm_topk_prob: bool) -> jax.Array:
+  """[B, E] pathway weights -> dense mixing coefficients [B, E] (float32).
+
+  In dense mode the weights are the mixing coefficients themselves, like the
+  raw top-k probabilities they stand in for (OLMoE mixes its top-k
+  probabilities without renormalizing them): C3PO passes the core experts'
+  weights and zeros elsewhere, so only the core is mixed, at the scale top-k
+  evaluation will use. Renormalized to sum 1 only where the model renormalizes
+  its top-k weights. Negative weights are clipped to 0.
+  """
+  w = jnp.maximum(weights.astype(jnp.float32), 0.0)
+  if norm_topk_prob:
+    # Guard: an all-zero row stays zero rather than dividing by zero.
+    w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
+  return w
+
+
 def last_token_mask(last_index: jax.Array, num_tokens: int) -> jax.Array:
   """[B] index of each row's last real token -> [B, T] boolean one-hot."""
   return jnp.arange(num_tokens)[None, :] == last_index[:, None]

@@ -9,7 +9,9 @@ weights [B, E]. In each listed layer, the router-probability row of every
 sequence's last real token is replaced by the weights renormalized to sum to
 1, then top-k is taken on the replaced row (`pathway_mode='topk'`). With
 `pathway_mode='dense'` that token instead mixes every expert with non-zero
-pathway weight, densely, so gradients reach all of them. Every other token
+pathway weight, densely, the weights being the mixing coefficients as given
+(renormalized only when `norm_topk_prob`), so gradients reach all of them;
+C3PO passes the core experts' weights and zeros elsewhere. Every other token
 and layer keeps native routing.
 
 Dimensions: B batch, T tokens, S cache slots, D model, V vocab, L layers,
@@ -155,9 +157,8 @@ def moe_block(
     h.reshape(b * t, d), weights.reshape(b * t, k), indices.reshape(b * t, k), p
   ).reshape(b, t, d)
   if pathway is not None and pathway_mode == 'dense':
-    # The last token mixes all experts with non-zero weight, without top-k.
-    w = jnp.maximum(pathway.astype(jnp.float32), 0.0)
-    coeff = w / jnp.sum(w, axis=-1, keepdims=True)  # [B, E]
+    # The last token mixes every expert with non-zero weight, without top-k.
+    coeff = routing.dense_coefficients(pathway, config.norm_topk_prob)  # [B, E]
     h_last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]  # [B, D]
     out_last = moe_lib.moe_dense(h_last, coeff, p)  # [B, D]
     is_last = routing.last_token_mask(last_index, t)[..., None]  # [B, T, 1]
