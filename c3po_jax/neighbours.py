@@ -29,6 +29,7 @@ def find(
   k: int,
   epsilon: float | None = None,
   max_similarity: float = 0.95,
+  ball_cap: int = 64,
   chunk: int = 1024,
 ) -> Neighbourhood:
   """Nearest references of each query by cosine similarity.
@@ -36,9 +37,10 @@ def find(
   Args:
     queries: [Q, De] embeddings (normalized here).
     references: [R, De] embeddings (normalized here).
-    k: neighbours per query (kNN), or the cap on the ball's size.
-    epsilon: if set, keep only references within cosine distance
-      1 - s <= epsilon (epsilon-ball), still at most k of them.
+    k: neighbours per query (kNN); ignored for an epsilon-ball.
+    epsilon: if set, every reference within cosine distance 1 - s <= epsilon
+      (epsilon-ball), nearest first, up to `ball_cap` of them (a static
+      bound for fixed shapes; not k).
     max_similarity: drop references more similar than this to the query
       (overlap control: near-duplicates of the test question).
     chunk: queries per similarity block (bounds memory at chunk x R).
@@ -48,10 +50,11 @@ def find(
   if k < 1:
     raise ValueError(f'k must be >= 1, got {k}')
   q, r = unit(queries), unit(references)
-  n = min(k, len(r))
-  index = np.full((len(q), k), -1, np.int64)
-  sim = np.zeros((len(q), k), np.float32)
-  valid = np.zeros((len(q), k), bool)
+  width = k if epsilon is None else ball_cap
+  n = min(width, len(r))
+  index = np.full((len(q), width), -1, np.int64)
+  sim = np.zeros((len(q), width), np.float32)
+  valid = np.zeros((len(q), width), bool)
   for start in range(0, len(q), chunk):
     s = q[start : start + chunk] @ r.T  # [chunk, R]
     s = np.where(s > max_similarity, -np.inf, s)

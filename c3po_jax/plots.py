@@ -44,3 +44,34 @@ def routing_heatmaps(rows: list[dict], output_dir: str, max_plots: int = 4) -> l
 
 def _safe(name: str) -> str:
   return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)[:60]
+
+
+def ngd_steps(diag: dict, output_dir: str) -> str | None:
+  """Accuracy and neighbour loss after each optimization step (the paper's Fig. 6).
+
+  diag: `diagnostics.summarize` output; one line per method with a path.
+  """
+  curves = {m: d for m, d in diag.items() if d.get('step_accuracy') or d.get('step_loss')}
+  if not curves:
+    return None
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.4), constrained_layout=True)
+  for method, d in curves.items():
+    if d.get('step_accuracy'):
+      acc = 100 * np.asarray(d['step_accuracy'])
+      acc_ax.plot(range(len(acc)), acc, marker='o', label=method)
+    if d.get('step_loss'):
+      loss_ax.plot(range(len(d['step_loss'])), d['step_loss'], marker='o', label=method)
+  acc_ax.set(xlabel='step (0 = base pathway)', ylabel='test accuracy (%)', title='accuracy')
+  loss_ax.set(xlabel='step', ylabel='mean loss', title='optimized loss (neighbours; oracle: own)')
+  for ax in (acc_ax, loss_ax):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  path = os.path.join(output_dir, 'ngd_steps.png')
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from c3po_jax import pipeline, results
+from c3po_jax import diagnostics, pipeline, plots, results
 from c3po_jax.run_config import RunConfig
 
 
@@ -78,8 +78,12 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   if jax.process_index() != 0:
     return {'benchmarks': per_benchmark, 'pooled': {}}
   pooled = results.summarize(all_rows)
+  diag = diagnostics.summarize(all_rows)
   table = format_suite_table(per_benchmark, pooled)
   print('\n' + table)
+  if diag:
+    print(diagnostics.format_table(diag))
+    plots.ngd_steps(diag, rc.output_dir)
   path = os.path.join(rc.output_dir, results.SUMMARY_FILE)
   with open(path + '.tmp', 'w') as f:
     json.dump(
@@ -88,6 +92,7 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
         'split': split,
         'benchmarks': per_benchmark,
         'pooled': pooled,
+        'diagnostics': diag,
         'run_config': dataclasses.asdict(rc),
       },
       f,

@@ -90,7 +90,7 @@ def test_neighbours_knn_eps_and_overlap():
   nb = neighbours.find(query, refs, k=2)
   assert nb.index.tolist() == [[1, 2]]  # ref 0 is a near-duplicate (> 0.95): dropped
   ball = neighbours.find(query, refs, k=3, epsilon=0.1)
-  assert ball.valid.tolist() == [[True, False, False]]
+  assert ball.valid[0, 0] and ball.valid.sum() == 1
   with pytest.raises(ValueError, match='empty'):
     neighbours.find(query, refs[:0], k=2)
 

@@ -253,3 +253,42 @@ def test_optax_schedule_sum_matches_the_docstring():
   """The paper's cosine 1e-2 -> 1e-5 over 10 steps: the learning rates sum to ~0.055."""
   sched = optax.cosine_decay_schedule(1e-2, decay_steps=10, alpha=1e-3)
   assert abs(sum(float(sched(i)) for i in range(10)) - 0.055) < 1e-3
+
+
+def test_reference_bandwidth_is_the_median_neighbourhood_spread():
+  from c3po_jax import kernels, neighbours
+
+  rng = np.random.default_rng(7)
+  centres = rng.normal(size=(6, 16))
+  emb = neighbours.unit(np.repeat(centres, 20, axis=0) + 0.3 * rng.normal(size=(120, 16)))
+  sigma = kernels.reference_bandwidth(emb, k=3, max_similarity=0.999)
+  # Brute force: each reference's 3 nearest others, spread of squared distances.
+  sim = emb @ emb.T
+  np.fill_diagonal(sim, -np.inf)
+  top = -np.sort(-sim, axis=1)[:, :3]
+  spread = (2 - 2 * top[:, 2]) - (2 - 2 * top[:, 0])
+  np.testing.assert_allclose(sigma**2, np.median(spread), rtol=1e-4)
+  # A neighbourhood spread like the median one: the k-th neighbour weighs
+  # exp(-1/2) of the nearest under the Gaussian kernel; linear stays ~uniform.
+  d2 = np.array([0.0, 0.5, 1.0]) * sigma**2 + 0.14
+  sims = 1 - d2[None] / 2
+  valid = np.ones((1, 3), bool)
+  g = kernels.kernel_weights(sims, valid, kind='gaussian', sigma=sigma)[0]
+  lin = kernels.kernel_weights(sims, valid, kind='linear')[0]
+  np.testing.assert_allclose(g[2] / g[0], np.exp(-0.5), rtol=1e-4)
+  assert lin[2] / lin[0] > 0.95
+  # The old per-sample median rule is near uniform on the issue's example.
+  old = kernels.kernel_weights(np.array([[0.93, 0.92, 0.90]]), valid, sigma='median')[0]
+  assert old[2] / old[0] > 0.8
+
+
+def test_epsilon_ball_is_not_capped_at_k():
+  from c3po_jax import neighbours
+
+  refs = neighbours.unit(np.array([[1, 0.1 * i] for i in range(10)], np.float32))
+  query = np.array([[1.0, 0.05]], np.float32)
+  ball = neighbours.find(query, refs, k=3, epsilon=0.05, max_similarity=1.0)
+  d = 1 - (neighbours.unit(query) @ refs.T)[0]
+  assert int(ball.valid.sum()) == int((d <= 0.05).sum()) > 3
+  capped = neighbours.find(query, refs, k=3, epsilon=0.05, max_similarity=1.0, ball_cap=4)
+  assert int(capped.valid.sum()) == 4
