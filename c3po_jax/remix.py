@@ -51,7 +51,7 @@ def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts):
     nb_w.append(np.where(valid, weights[i], 0.0))
   nc, ml = runner.num_choices, runner.rc.max_len
   if runner.states is None:
-    flat = make_batch(nb_prompts, num_choices=nc, max_len=ml)
+    flat = make_batch(nb_prompts, num_choices=nc, max_len=ml, position=runner.rc.token_position)
   else:  # already prepared: [Q * N, ...]
     keys = [(e.task, e.id, runner.rc.fmt) for e in nb_refs]
     flat = runner.states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
@@ -85,13 +85,13 @@ def method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_pro
   w0 = jax.vmap(pw_lib.base_weights)(cs)
   extras = [{} for _ in idx]
   tests = None  # the test samples' prefix states, for the accuracy after each step
-  if method in ('ngd', 'oracle'):
+  if method in ('ngd', 'oracle') and runner.rc.token_position == 'last':
     tests = eng.prepare_tests(params, test_batch)
   if method == 'mode_finding':
     valid = jnp.ones((len(refs),), bool)
     out = eng.mode_finding(cs, jnp.asarray(refs.router_probs), valid)
   elif method == 'oracle':
-    if eng.loss_backend.__name__ == 'PrefixLoss':
+    if tests is not None and eng.loss_backend.__name__ == 'PrefixLoss':
       data = tests
     else:
       data = eng.prepare(params, jax.tree.map(lambda x: x[:, None], test_batch))  # [Q, 1, ...]

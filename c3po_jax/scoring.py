@@ -22,6 +22,9 @@ import numpy as np
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 
+# Which context token of each sequence is re-mixed (the paper's Table 3).
+POSITIONS = ('last', 'first', 'middle')
+
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 CONT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -58,7 +61,8 @@ class EncodedPrompt:
 class ChoiceBatch:
   tokens: jax.Array  # [B, S, T] int32
   mask: jax.Array  # [B, S, T] int32
-  ctx_last: jax.Array  # [B, S] index of the last context token (pathway site)
+  ctx_last: jax.Array  # [B, S] index of the last context token
+  site: jax.Array  # [B, S] index of the re-mixed context token (pathway site)
   choice_seq: jax.Array  # [B, C] sequence that holds each choice
   cont_pos: jax.Array  # [B, C, Tc] positions whose next-token logits score it
   cont_ids: jax.Array  # [B, C, Tc] the continuation tokens
@@ -83,10 +87,20 @@ def make_batch(
   batch_size: int | None = None,
   num_choices: int | None = None,
   max_len: int = 4096,
+  position: str = 'last',
 ) -> ChoiceBatch:
-  """Pads prompts to bucketed shapes; rows past len(prompts) are empty."""
+  """Pads prompts to bucketed shapes; rows past len(prompts) are empty.
+
+  position: the context token whose routing is re-mixed: 'last' (the
+  default and the paper's best), 'first' or 'middle' ((n - 1) // 2 of an
+  n-token context).
+  """
   if not prompts:
     raise ValueError('make_batch needs at least one prompt')
+  if position not in POSITIONS:
+    raise ValueError(f'position {position!r}, expected one of {POSITIONS}')
+  site_of = {'last': lambda n: n - 1, 'first': lambda n: 0, 'middle': lambda n: (n - 1) // 2}
+  site_of = site_of[position]
   fmt = prompts[0].fmt
   if any(p.fmt != fmt for p in prompts):
     raise ValueError('a batch mixes prompt formats')
@@ -111,6 +125,7 @@ def make_batch(
   tokens = np.zeros((b, s, t), np.int32)
   mask = np.zeros((b, s, t), np.int32)
   ctx_last = np.zeros((b, s), np.int32)
+  site = np.zeros((b, s), np.int32)
   choice_seq = np.zeros((b, c), np.int32)
   cont_pos = np.zeros((b, c, tc), np.int32)
   cont_ids = np.zeros((b, c, tc), np.int32)
@@ -130,6 +145,7 @@ def make_batch(
       tokens[i, 0, : len(ctx)] = ctx
       mask[i, 0, : len(ctx)] = 1
       ctx_last[i, 0] = len(ctx) - 1
+      site[i, 0] = site_of(len(ctx))
       cont_pos[i, :n, 0] = len(ctx) - 1
       cont_ids[i, :n, 0] = [x[0] for x in p.continuations]
       cont_mask[i, :n, 0] = 1.0
@@ -140,6 +156,7 @@ def make_batch(
         tokens[i, j, : len(seq)] = seq
         mask[i, j, : len(seq)] = 1
         ctx_last[i, j] = len(ctx) - 1
+        site[i, j] = site_of(len(ctx))
         choice_seq[i, j] = j
         m = len(cont)
         cont_pos[i, j, :m] = np.arange(len(ctx) - 1, len(ctx) - 1 + m)
@@ -149,6 +166,7 @@ def make_batch(
     tokens=jnp.asarray(tokens),
     mask=jnp.asarray(mask),
     ctx_last=jnp.asarray(ctx_last),
+    site=jnp.asarray(site),
     choice_seq=jnp.asarray(choice_seq),
     cont_pos=jnp.asarray(cont_pos),
     cont_ids=jnp.asarray(cont_ids),
@@ -166,8 +184,8 @@ class Analysis:
   scores: jax.Array  # [B, C] summed continuation log-probs (-inf: invalid)
   last_hidden: jax.Array  # [B, D] final hidden state at the last context token
   router_logits: jax.Array  # [B, L, E] at the last context token
-  router_probs: jax.Array  # [B, L, E] at the last context token, as used
-  # [B, S, L, E] at each sequence's last context token (they differ where the
+  router_probs: jax.Array  # [B, L, E] at the pathway site (last context token), as used
+  # [B, S, L, E] at each sequence's pathway site (they differ where the
   # choices have their own contexts, e.g. WinoGrande), as used.
   seq_router_probs: jax.Array
 
@@ -192,8 +210,9 @@ def analyze(
 ) -> Analysis:
   """Scores every choice; returns last-context-token states of sequence 0.
 
-  `pathway` maps layer -> [B, E] (one pathway per sample, applied at the last
-  context token of each of its sequences) or [B, S, E] (one per sequence).
+  `pathway` maps layer -> [B, E] (one pathway per sample, applied at the
+  pathway site, by default the last context token, of each of its
+  sequences) or [B, S, E] (one per sequence).
   """
   b, s, t = batch.tokens.shape
   out = transformer.forward_hidden(
@@ -203,7 +222,7 @@ def analyze(
     attention_mask=batch.mask.reshape(b * s, t),
     pathway=_expand_pathway(pathway, b, s),
     pathway_mode=pathway_mode,
-    pathway_index=batch.ctx_last.reshape(b * s),
+    pathway_index=batch.site.reshape(b * s),
   )
   hidden = out.hidden.reshape(b, s, t, -1)  # [B, S, T, D]
   c, tc = batch.cont_pos.shape[1:]
@@ -219,8 +238,8 @@ def analyze(
   seq0 = jnp.arange(b) * s
   last_hidden = hidden[jnp.arange(b), 0, idx0]
   r_logits = out.router_logits[:, seq0, idx0]  # [L, B, E]
-  flat_last = batch.ctx_last.reshape(b * s)
-  seq_probs = out.router_probs[:, jnp.arange(b * s), flat_last]  # [L, B*S, E]
+  flat_site = batch.site.reshape(b * s)
+  seq_probs = out.router_probs[:, jnp.arange(b * s), flat_site]  # [L, B*S, E]
   seq_probs = jnp.moveaxis(seq_probs.reshape((-1, b, s) + seq_probs.shape[2:]), 0, 2)
   return Analysis(
     scores=scores,

@@ -292,3 +292,32 @@ def test_epsilon_ball_is_not_capped_at_k():
   assert int(ball.valid.sum()) == int((d <= 0.05).sum()) > 3
   capped = neighbours.find(query, refs, k=3, epsilon=0.05, max_similarity=1.0, ball_cap=4)
   assert int(capped.valid.sum()) == 4
+
+
+@pytest.mark.parametrize('position', ['first', 'middle'])
+def test_token_position_moves_the_pathway_site(position):
+  """The re-mixed token (Table 3): routing is read and overridden there only."""
+  params = _model()
+  rng = np.random.default_rng(8)
+  prompts = _prompts(rng, 3, 'rc', per_choice=True)
+  last = scoring.make_batch(prompts, num_choices=3)
+  batch = scoring.make_batch(prompts, num_choices=3, position=position)
+  n_ctx = np.asarray(last.ctx_last) + 1
+  want_site = np.zeros_like(n_ctx) if position == 'first' else (n_ctx - 1) // 2
+  np.testing.assert_array_equal(batch.site, want_site)
+  an = scoring.analyze(params, batch, config=TINY)
+  plain = transformer.forward(
+    params, batch.tokens[:, 0], config=TINY, attention_mask=batch.mask[:, 0]
+  )
+  site0 = np.asarray(batch.site[:, 0])
+  want = np.swapaxes(np.asarray(plain.router_probs), 0, 1)[np.arange(3), :, site0]  # [B, L, E]
+  np.testing.assert_allclose(an.router_probs, want, atol=1e-6)
+  # A pathway at the site changes the scores; at identity they stay.
+  eng = engine.Engine(TINY, engine.EngineConfig(spec=pw_lib.PathwaySpec.make(L, E, 'last:2', 6)))
+  cs = eng.core_slices(an.router_probs)
+  w0 = jax.vmap(pw_lib.base_weights)(cs)
+  same = eng.analyze_remixed(params, batch, cs, w0, an.seq_router_probs)
+  np.testing.assert_allclose(same.scores, an.scores, atol=1e-5)
+  flipped = jax.vmap(lambda w, c: pw_lib.project_simplex(w[:, ::-1], c.mass))(w0, cs)
+  moved = eng.analyze_remixed(params, batch, cs, flipped, an.seq_router_probs)
+  assert float(jnp.max(jnp.abs(moved.scores - an.scores))) > 1e-3
