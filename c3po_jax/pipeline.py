@@ -22,12 +22,14 @@ from c3po_jax import (
   distributed,
   embedding,
   engine,
+  errors,
   kernels,
   neighbours,
   plots,
   prompting,
   references,
   results,
+  run_output,
 )
 from c3po_jax import methods as methods_lib
 from c3po_jax import pathway as pw_lib
@@ -62,24 +64,33 @@ def load_model(rc: RunConfig, mesh=None):
 
 def load_references(rc: RunConfig) -> list[Example]:
   """Reference pool: the sources in order, max_reference_samples split evenly."""
+  return load_reference_sources(rc)[0]
+
+
+def load_reference_sources(rc: RunConfig) -> tuple[list[Example], list[dict]]:
+  """The reference pool and, per source, the split actually used and its size."""
   per = None
   if rc.max_reference_samples is not None:
     per = max(1, rc.max_reference_samples // len(rc.reference))
-  pool = []
+  pool, used = [], []
   for name in rc.reference:
+    generic = name.endswith(('.jsonl', '.jsonl.gz')) or name.startswith('jsonl:')
     splits = [rc.reference_split]
-    if rc.reference_split is None and not name.endswith(('.jsonl', '.jsonl.gz')):
-      if not name.startswith('jsonl:'):
-        spec, _ = task_registry.resolve(name)
-        splits = list(spec.reference_splits) or [None]
+    if rc.reference_split is None and not generic:
+      spec, _ = task_registry.resolve(name)
+      splits = list(spec.reference_splits) or [None]
     for i, split in enumerate(splits):
       try:
-        pool.extend(load_examples(name, split=split, limit=per))
+        got = load_examples(name, split=split, limit=per)
         break
       except TaskSourceError:
         if i == len(splits) - 1:
           raise
-  return pool
+    if not got:
+      raise ValueError(f'reference source {name!r} has no samples (split {split!r})')
+    pool.extend(got)
+    used.append({'source': name, 'split': None if generic else split, 'size': len(got)})
+  return pool, used
 
 
 def _pad(items: list, size: int) -> list:
@@ -186,7 +197,8 @@ class Runner:
     }
     key = references.cache_key(parts)
     cache_dir = os.path.expanduser(self.rc.cache_dir)
-    cached = references.load_cached(cache_dir, key, pool)
+    routing = (self.config.num_hidden_layers, self.config.num_experts)
+    cached = references.load_cached(cache_dir, key, pool, routing)
     if cached is not None:
       logging.info('reusing reference set %s (%d kept)', key, len(cached))
       return cached
@@ -220,16 +232,23 @@ def _pathway_record(cs, q0, q, spec) -> dict:
 
 
 def run(rc: RunConfig) -> dict:
-  """Runs every method in rc.methods; writes results, summary and plots."""
+  """Runs every method in rc.methods; writes results, summary and plots.
+
+  What needs no model (data files, benchmark names, the output directory)
+  is checked first, so a mistake there fails in seconds, as a usage error.
+  """
+  started = time.time()
   distributed.initialize(rc.multihost, rc.coordinator_address, rc.num_processes, rc.process_id)
   mesh = distributed.make_mesh(rc.mesh_shape)
   distributed.check_batch_size(rc.batch_size, mesh)
+  with errors.usage_errors():
+    test = load_examples(rc.benchmark, split=rc.split, source=rc.source, limit=rc.max_test_samples)
+    if not test:
+      raise ValueError(f'no test samples in {rc.benchmark!r}')
+    pool, ref_sources = load_reference_sources(rc) if rc.reference else ([], [])
+    run_output.prepare(rc)
   config, params, tokenizer = load_model(rc, mesh)
   logging.info('model: %s', config)
-  test = load_examples(rc.benchmark, split=rc.split, source=rc.source, limit=rc.max_test_samples)
-  if not test:
-    raise ValueError(f'no test samples in {rc.benchmark!r}')
-  pool = load_references(rc) if rc.reference else []
   runner = Runner(rc, config, params, tokenizer, mesh)
   all_test, test = test, distributed.process_share(test)  # this process's samples
   runner.test = test
@@ -244,12 +263,29 @@ def run(rc: RunConfig) -> dict:
   summary = results.summarize(rows)
   if jax.process_index() != 0:
     return summary
-  extra = {'benchmark': rc.benchmark, 'run_config': dataclasses.asdict(rc)}
+  data = {
+    'test': {'benchmark': rc.benchmark, 'split': _test_split(rc), 'size': len(all_test)},
+    'references': ref_sources,
+  }
+  extra = {
+    'benchmark': rc.benchmark,
+    'reference_splits': {s['source']: s['split'] for s in ref_sources},
+    'run_config': dataclasses.asdict(rc),
+    'provenance': run_output.provenance(rc, params, data, started),
+  }
   results.write_summary(rc.output_dir, summary, extra)
   print(results.format_table(summary, rc.benchmark))
   plot_rows = [r for r in rows if r['method'] == 'ngd'] or [r for r in rows if r.get('pathway')]
   plots.routing_heatmaps(plot_rows, rc.output_dir, rc.num_plots)
   return summary
+
+
+def _test_split(rc: RunConfig) -> str | None:
+  """The test split used: None for a generic JSONL file (the file is the split)."""
+  name = rc.benchmark
+  if name.endswith(('.jsonl', '.jsonl.gz')) or name.startswith('jsonl:'):
+    return None
+  return rc.split or task_registry.resolve(name)[0].test_split
 
 
 def _run_methods(rc, runner: Runner, test, pool, writer):

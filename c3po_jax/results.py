@@ -13,7 +13,13 @@ METHOD_ORDER = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'orac
 
 
 class ResultsExistError(FileExistsError):
-  pass
+  """Results already at the output: a usage error (pass --resume or --overwrite)."""
+
+  exit_code = 2
+
+
+class ResultsFileError(ValueError):
+  """A results file that cannot be read back; names the file and line."""
 
 
 class ResultsWriter:
@@ -32,7 +38,7 @@ class ResultsWriter:
       if not resume:
         raise ResultsExistError(
           f'{self.path} already has results: pass --resume to continue that run, '
-          'or choose another --output_dir'
+          '--overwrite to replace it, or choose another --output_dir'
         )
       self._repair()
       for row in read_rows(self.path):
@@ -60,12 +66,58 @@ class ResultsWriter:
 
 
 def read_rows(path: str) -> list[dict]:
+  """The rows of a results file; a bad line raises ResultsFileError naming it."""
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if line.strip():
-        rows.append(json.loads(line))
+  with open(path, 'rb') as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode('utf-8')
+        row = json.loads(line) if line.strip() else None
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ResultsFileError(
+          f'{path}, line {number}: not a result row ({e}); delete that line (the rows '
+          'of other lines are kept) and pass --resume, or --overwrite to start over'
+        ) from None
+      if row is None:
+        continue
+      if not isinstance(row, dict) or not {'method', 'id'} <= set(row):
+        raise ResultsFileError(
+          f'{path}, line {number}: not a result row (no method and id); delete that '
+          'line and pass --resume, or --overwrite to start over'
+        )
+      rows.append(row)
   return rows
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """The Wilson score interval of k successes in n trials (95% for z=1.96).
+
+  Unlike the normal approximation it stays inside [0, 1] and is sensible at 0
+  and n successes, which small benchmarks hit.
+  """
+  if n == 0:
+    return (0.0, 1.0)
+  p = k / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+OUR_FILES = ('results.jsonl', 'results.process-*.jsonl', SUMMARY_FILE, 'run_config.json')
+OUR_FILES += ('routing_*.png',)
+
+
+def remove_results(output_dir: str) -> list[str]:
+  """Deletes only the files a run writes in output_dir (for --overwrite)."""
+  import glob
+
+  gone = []
+  for pattern in OUR_FILES:
+    for path in sorted(glob.glob(os.path.join(glob.escape(output_dir), pattern))):
+      os.remove(path)
+      gone.append(path)
+  return gone
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -95,6 +147,7 @@ def summarize(rows: list[dict]) -> dict:
     out[method] = {
       'n': n,
       'accuracy': correct / n,
+      'accuracy_ci95': [round(x, 4) for x in wilson_interval(correct, n)],
       'acc_norm': norm / n,
       'improved_vs_base': improved,
       'worsened_vs_base': worsened,
@@ -114,21 +167,28 @@ def _order(method: str) -> int:
 
 def format_table(summary: dict, benchmark: str) -> str:
   """A Table-1-style text table (accuracy in %)."""
+  name = _short(benchmark)
+  w = max(14, len(name))
   head = (
-    f'{"method":<18} {_short(benchmark):>14} {"acc_norm":>9} {"vs base":>8} '
+    f'{"method":<18} {name:>{w}} {"95% CI":>13} {"acc_norm":>9} {"vs base":>8} '
     f'{"+":>4} {"-":>4} {"p":>7} {"NaN":>4} {"s/sample":>9}'
   )
   lines = [head, '-' * len(head)]
   base_acc = summary.get('base', {}).get('accuracy')
   for method, s in summary.items():
     delta = '' if base_acc is None else f'{100 * (s["accuracy"] - base_acc):+.1f}'
+    lo, hi = s.get('accuracy_ci95', (float('nan'),) * 2)
+    ci = f'[{100 * lo:.1f}, {100 * hi:.1f}]'
     lines.append(
-      f'{method:<18} {100 * s["accuracy"]:>14.1f} {100 * s["acc_norm"]:>9.1f} {delta:>8} '
+      f'{method:<18} {100 * s["accuracy"]:>{w}.1f} {ci:>13} {100 * s["acc_norm"]:>9.1f} {delta:>8} '
       f'{s["improved_vs_base"]:>4} {s["worsened_vs_base"]:>4} '
       f'{s["mcnemar_p_vs_base"]:>7.3f} {s["nan_fallbacks"]:>4} {s["seconds_per_sample"]:>9.3f}'
     )
   n = max((s['n'] for s in summary.values()), default=0)
-  lines.append(f'({n} test samples; +/-: answers fixed/broken versus base; p: exact McNemar)')
+  lines.append(
+    f'({n} test samples; accuracy % with its 95% Wilson interval; +/-: answers fixed/broken '
+    'versus base; p: exact McNemar)'
+  )
   return '\n'.join(lines)
 
 
@@ -137,7 +197,7 @@ def _short(benchmark: str) -> str:
   name = os.path.basename(benchmark)
   for ext in ('.jsonl.gz', '.jsonl'):
     name = name.removesuffix(ext)
-  return name[:14]
+  return name
 
 
 def write_summary(output_dir: str, summary: dict, extra: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from c3po_jax import distributed
+from c3po_jax import distributed, flag_checks
 
 METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
 NGD_BACKENDS = ('prefix', 'naive')
@@ -62,6 +62,8 @@ class RunConfig:
   coordinator_address: str | None = None  # host:port of process 0, off TPU VMs
   num_processes: int | None = None
   process_id: int | None = None
+  # Replace the results already in output_dir (only the files a run writes).
+  overwrite: bool = False
 
   def __post_init__(self):
     unknown = set(self.methods) - set(METHODS)
@@ -81,3 +83,4 @@ class RunConfig:
     if self.prefix_cache_size < 0:
       raise ValueError(f'prefix_cache_size={self.prefix_cache_size} must be >= 0')
     distributed.parse_mesh_shape(self.mesh_shape)  # raises on a malformed spec
+    flag_checks.check_ranges(self)  # --lr=0, --dtype=int8, ...: refused before any model loads

@@ -72,9 +72,16 @@ def read_arrow(path: str):
 
 
 def _jsonl_rows(path: str) -> Iterator[Row]:
+  """Lines read as bytes and decoded one by one, so a fault names its line."""
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rt', encoding='utf-8') as f:
-    for number, line in enumerate(f, start=1):
+  with opener(path, 'rb') as f:
+    for number, raw in enumerate(_lines(f, path), start=1):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise TaskDataError(
+          path, number, f'not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})'
+        ) from None
       if not line.strip():
         continue
       try:
@@ -84,6 +91,18 @@ def _jsonl_rows(path: str) -> Iterator[Row]:
       if not isinstance(data, dict):
         raise TaskDataError(path, number, f'expected a JSON object, got {type(data).__name__}')
       yield Row(path, number, 'line', data)
+
+
+def _lines(f, path: str) -> Iterator[bytes]:
+  """The byte lines of f; a truncated or corrupt (gzip) file raises TaskDataError."""
+  number = 0
+  try:
+    for number, raw in enumerate(f, start=1):  # noqa: B007 - the count names the fault
+      yield raw
+  except (EOFError, OSError, gzip.BadGzipFile) as e:
+    raise TaskDataError(
+      path, number + 1, f'cannot read this line: the file is truncated or corrupt ({e})'
+    ) from None
 
 
 def _table_rows(path: str, table) -> Iterator[Row]:

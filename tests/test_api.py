@@ -1,0 +1,54 @@
+"""The Python API runs C3PO without the CLI; its summary carries provenance."""
+
+import json
+import os
+
+import pytest
+from engine_utils import make_checkpoint
+
+import c3po_jax
+from c3po_jax import results
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+
+
+def test_run_returns_predictions_pathways_and_provenance(ckpt, tmp_path):
+  rc = c3po_jax.RunConfig(
+    checkpoint_dir=ckpt,
+    benchmark='arc_challenge',
+    reference=('openbookqa',),
+    methods=('base', 'ngd'),
+    max_test_samples=2,
+    max_reference_samples=8,
+    batch_size=2,
+    critical_layers=2,
+    core_experts=4,
+    ngd_steps=2,
+    max_similarity=1.0,
+    num_plots=0,
+    output_dir=str(tmp_path / 'out'),
+    cache_dir=str(tmp_path / 'cache'),
+  )
+  result = c3po_jax.run(rc)
+  assert set(result.summary) == {'base', 'ngd'}
+  preds = result.predictions('ngd')
+  assert len(preds) == 2 and all(isinstance(p, int) for p in preds.values())
+  assert set(result.pathways('ngd')) == set(preds)
+  assert all(p is None for p in result.pathways('base').values())
+  with pytest.raises(KeyError, match='icl'):
+    result.predictions('icl')
+
+  summary = json.loads((tmp_path / 'out' / results.SUMMARY_FILE).read_text())
+  prov = summary['provenance']
+  assert prov['versions']['jax'] and prov['wall_seconds'] > 0
+  assert len(prov['checkpoint']['fingerprint']) == 16
+  assert prov['data']['test'] == {'benchmark': 'arc_challenge', 'split': 'test', 'size': 2}
+  ref = prov['data']['references'][0]
+  assert ref['source'] == 'openbookqa' and ref['split'] and ref['size'] == 8
+  assert summary['reference_splits'] == {'openbookqa': ref['split']}
+  lo, hi = summary['methods']['base']['accuracy_ci95']
+  assert 0 <= lo <= summary['methods']['base']['accuracy'] <= hi <= 1
+  assert os.path.exists(tmp_path / 'out' / 'run_config.json')
