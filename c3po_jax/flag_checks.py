@@ -1,4 +1,5 @@
-"""Range checks of a RunConfig's values, run when it is built (before any model).
+"""Range checks of a RunConfig's values, run when it is built (before any model),
+and the check that a suite's files exist (run by main before the first benchmark).
 
 Each failure is a ValueError naming the flag, e.g. `--lr=0.0: must be > 0`,
 so a bad value fails in milliseconds, not after minutes of model loading.
@@ -7,6 +8,7 @@ so a bad value fails in milliseconds, not after minutes of model loading.
 from __future__ import annotations
 
 import math
+import os
 
 from c3po_jax import checkpoint
 
@@ -57,3 +59,13 @@ def check_ranges(rc) -> None:
       _fail('dtype', rc.dtype, str(e))
   if getattr(rc, 'resume', False) and getattr(rc, 'overwrite', False):
     raise ValueError('--resume and --overwrite exclude each other: continue the run, or replace it')
+
+
+def check_suite(suite_dir: str, manifest: dict, split: str) -> None:
+  """Raises ValueError unless every benchmark of the suite has its split and files."""
+  for name, entry in manifest['benchmarks'].items():
+    if split not in entry:
+      raise ValueError(f'--suite_split={split}: suite benchmark {name!r} has no {split!r} split')
+    for rel in [entry[split], *entry.get('reference', ())]:
+      if not os.path.isfile(os.path.join(suite_dir, rel)):
+        raise FileNotFoundError(f'suite {suite_dir}: benchmark {name!r} names a missing file {rel}')

@@ -11,7 +11,7 @@ import time
 
 from absl import app, flags, logging
 
-from c3po_jax import cli, errors, pipeline, suite_run
+from c3po_jax import cli, errors, flag_checks, pipeline, suite_run
 from c3po_jax.run_config import METHODS, NGD_BACKENDS, RunConfig
 
 DEMO_DIR = 'checkpoints/demo'
@@ -163,6 +163,7 @@ def main(argv):
       rc = dataclasses.replace(rc, reference=())
     if suite:
       rc = apply_suite_settings(rc, suite)
+      flag_checks.check_suite(suite, suite_run.read_suite(suite), F.suite_split)
   logging.info('run config: %s', dataclasses.asdict(rc))
   if suite:
     suite_run.run_suite(rc, suite, F.suite_split)
