@@ -49,7 +49,7 @@ def _rc(tmp_path, **kw) -> RunConfig:
     ('dtype', 'int8', 'dtype int8 cannot hold model weights'),
     ('dtype', 'float33', "unknown dtype 'float33'"),
     ('max_test_samples', 0, '--max_test_samples=0: must be >= 1'),
-    ('sigma', 'wide', "--sigma=wide: must be 'median'"),
+    ('sigma', 'wide', '--sigma=wide: must be '),
     ('overwrite', True, '--resume and --overwrite exclude each other'),
   ],
 )
