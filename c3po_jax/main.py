@@ -76,13 +76,28 @@ flags.DEFINE_string(
   'suite', None, 'A suite directory (suite.json): run every benchmark in it with its references.'
 )
 flags.DEFINE_string('suite_split', 'test', 'Suite split to evaluate (dev: for choosing settings).')
+flags.DEFINE_enum(
+  'demo',
+  'remix',
+  ['remix', 'control'],
+  'Embedded demo world run when neither --benchmark nor --suite is given: remix (the router '
+  'carries the skill) or control (the earlier world, where it does not: a negative control).',
+)
 flags.DEFINE_bool(
   'overwrite', False, 'Replace the results in --output_dir (deletes only the files a run writes).'
 )
 
 # The embedded demo suite, run when neither --benchmark nor --suite is given.
-DEMO_SUITE = f'{DEMO_DIR}/suite'
-DEMO_DEFAULTS = {'max_test_samples': 100, 'max_reference_samples': 400, 'batch_size': 25}
+DEMO_SUITE = {'remix': f'{DEMO_DIR}/suite', 'control': 'checkpoints/demo_control/suite'}
+DEMO_DEFAULTS = {  # per demo suite: its model and a size that runs in minutes on 2 CPU cores
+  suite: {
+    'checkpoint_dir': suite.rsplit('/', 1)[0],
+    'max_test_samples': 100,
+    'max_reference_samples': 400,
+    'batch_size': 25,
+  }
+  for suite in DEMO_SUITE.values()
+}
 
 
 def run_config_from_flags() -> RunConfig:
@@ -142,9 +157,9 @@ def apply_suite_settings(rc: RunConfig, suite_dir: str) -> RunConfig:
   """The suite's own settings (format, settings chosen on dev; for the embedded
   demo also its default size) for every field whose flag was not given."""
   settings = suite_run.suite_settings(suite_run.read_suite(suite_dir))
-  if suite_dir == DEMO_SUITE:
+  if suite_dir in DEMO_DEFAULTS:
     # The embedded demo's default size: finishes in minutes on 2 CPU cores.
-    settings = {**DEMO_DEFAULTS, **settings}
+    settings = {**DEMO_DEFAULTS[suite_dir], **settings}
   unset = {k: v for k, v in settings.items() if not F[_FLAG_OF_FIELD.get(k, k)].present}
   if isinstance(unset.get('critical_layers'), list):
     unset['critical_layers'] = tuple(unset['critical_layers'])
@@ -156,7 +171,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   started = time.time()
-  suite = F.suite or (DEMO_SUITE if F.benchmark is None else None)
+  suite = F.suite or (DEMO_SUITE[F.demo] if F.benchmark is None else None)
   with errors.usage_errors():  # flag values: refused before anything loads
     rc = run_config_from_flags()
     if not suite and F.reference is None:  # raises if a method needs references

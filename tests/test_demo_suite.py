@@ -1,4 +1,8 @@
-"""The demo suite: determinism, file format, answer correctness, no leaks, tokenizer."""
+"""The demo suite: determinism, file format, answer correctness, no leaks, tokenizer.
+
+Most tests run on the control world (families.py); the remix world (remix.py,
+the default demo) has its own tests at the end.
+"""
 
 import dataclasses
 import hashlib
@@ -13,8 +17,11 @@ from c3po_jax.demo import prompts, suite
 from c3po_jax.demo import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = os.path.join(REPO, 'checkpoints', 'demo')
-SMALL = suite.SuiteConfig(seed=0, num_train=600, statement_repeats=1)
+SHIPPED = os.path.join(REPO, 'checkpoints', 'demo')  # the remix world
+CONTROL = os.path.join(REPO, 'checkpoints', 'demo_control')  # the earlier world
+SHIPPED_WORLDS = [p for p in (SHIPPED, CONTROL) if os.path.isfile(os.path.join(p, 'demo.json'))]
+SMALL = suite.SuiteConfig(seed=0, world='control', num_train=600, statement_repeats=1)
+REMIX = suite.SuiteConfig(seed=0, world='remix', num_train=600)
 
 
 @pytest.fixture(scope='module')
@@ -264,12 +271,9 @@ def test_tokenizer_is_deterministic(small):
   assert a.to_str() == b.to_str()
 
 
-@pytest.mark.skipif(
-  not os.path.isfile(os.path.join(SHIPPED, 'suite', suite.MANIFEST)),
-  reason='no shipped demo suite',
-)
-def test_shipped_suite_regenerates_from_its_seed(tmp_path):
-  shipped = suite.read_manifest(os.path.join(SHIPPED, 'suite'))
+@pytest.mark.parametrize('shipped_dir', SHIPPED_WORLDS)
+def test_shipped_suite_regenerates_from_its_seed(shipped_dir, tmp_path):
+  shipped = suite.read_manifest(os.path.join(shipped_dir, 'suite'))
   config = suite.SuiteConfig(**shipped['config'])
   # Eval splits do not depend on the train size, so a small train split will do.
   regenerated = suite.build_suite(dataclasses.replace(config, num_train=300, statement_repeats=1))
@@ -277,7 +281,7 @@ def test_shipped_suite_regenerates_from_its_seed(tmp_path):
   for name, info in shipped['files'].items():
     if info['written']:
       assert manifest['files'][name]['sha256'] == info['sha256'], name
-      with open(os.path.join(SHIPPED, 'suite', name), 'rb') as f:
+      with open(os.path.join(shipped_dir, 'suite', name), 'rb') as f:
         assert hashlib.sha256(f.read()).hexdigest() == info['sha256'], name
   assert np.all([b == shipped['benchmarks'][k] for k, b in manifest['benchmarks'].items()])
 
@@ -351,15 +355,13 @@ def test_load_balance_loss():
   assert float(train.load_balance_loss(noisy, mask, k)) == pytest.approx(e / k)
 
 
-@pytest.mark.skipif(
-  not os.path.isfile(os.path.join(SHIPPED, 'demo.json')), reason='no shipped demo checkpoint'
-)
-def test_shipped_checkpoint_reproduces_its_dev_accuracy():
+@pytest.mark.parametrize('shipped_dir', SHIPPED_WORLDS)
+def test_shipped_checkpoint_reproduces_its_dev_accuracy(shipped_dir):
   from c3po_jax.demo import evaluate
 
-  with open(os.path.join(SHIPPED, 'demo.json')) as f:
+  with open(os.path.join(shipped_dir, 'demo.json')) as f:
     recorded = json.load(f)['dev_accuracy']
-  got = evaluate.evaluate(SHIPPED, 'dev')
+  got = evaluate.evaluate(shipped_dir, 'dev')
   assert set(got) == set(recorded)
   for family, acc in got.items():
     # One question of slack (100 per family) for float differences across CPUs.
@@ -373,12 +375,13 @@ def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_
 
   out, _ = written
   calls = []
-  dev_ngd = {(lr, sim): 0.70 for lr in (0.01, 0.1, 0.3) for sim in (0.95, 0.99)}
-  dev_ngd.update({(0.1, 0.99): 0.74, (0.3, 0.99): 0.74, (0.1, 0.95): 0.72})
+  dev_ngd = {(lr, k): 0.70 for lr in (0.01, 0.1, 0.3) for k in (3, 10)}
+  dev_ngd.update({(0.1, 3): 0.74, (0.3, 3): 0.74, (0.1, 10): 0.72})
 
   def fake_run_suite(rc, suite_dir, split):
     calls.append(split)
-    acc = dev_ngd[rc.lr, rc.max_similarity]
+    assert rc.max_similarity == 0.99 and rc.sigma == 'median'
+    acc = dev_ngd[rc.lr, rc.k]
     pooled = {
       'base': {'accuracy': 0.7, 'mcnemar_p_vs_base': 1.0},
       'ngd': {'accuracy': acc, 'mcnemar_p_vs_base': 0.5},
@@ -389,11 +392,14 @@ def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_
   rc = RunConfig(
     checkpoint_dir='x', benchmark='(suite)', reference=('(suite)',), output_dir=str(tmp_path)
   )
-  entry = tune.tune(rc, str(out), [0.01, 0.1, 0.3], [0.95, 0.99])
+  grid = {'lr': [0.01, 0.1, 0.3], 'k': [3, 10], 'max_similarity': [0.99], 'sigma': ['median']}
+  entry = tune.tune(rc, str(out), grid)
   assert calls == ['dev'] * 6  # every grid point, on dev only
-  # Best dev NGD accuracy; the tie between lr 0.1 and 0.3 goes to the smaller step.
-  assert entry['settings']['lr'] == 0.1 and entry['settings']['max_similarity'] == 0.99
+  # Best dev NGD accuracy; the tie between lr 0.1 and 0.3 goes to the earlier point.
+  assert entry['settings']['lr'] == 0.1 and entry['settings']['k'] == 3
+  assert entry['settings']['max_similarity'] == 0.99 and entry['settings']['sigma'] == 'median'
   assert entry['chosen_on'] == 'dev' and len(entry['grid']) == 6
+  assert entry['searched'] == grid
   tune.write_settings(str(out), entry)
   manifest = suite.read_manifest(str(out))
   assert manifest['c3po_settings'] == json.loads(json.dumps(entry))
@@ -403,3 +409,98 @@ def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_
   suite.write_suite(suite.build_suite(dataclasses.replace(SMALL, draw_seed=3)), str(fresh))
   suite.copy_settings(str(out), str(fresh))
   assert suite.read_manifest(str(fresh))['c3po_settings'] == manifest['c3po_settings']
+
+
+# ---- the remix world (remix.py): the default demo ----
+
+
+@pytest.fixture(scope='module')
+def remix_suite():
+  return suite.build_suite(REMIX)
+
+
+def test_remix_gold_answers_and_choices(remix_suite):
+  from c3po_jax.demo import remix
+
+  ops = {f.test_source: f.op for f in remix_suite.families}
+  ops.update({s: f.op for f in remix_suite.families for s in f.reference_sources})
+  for (source, _), rows in remix_suite.records.items():
+    for r in rows:
+      x, y = _ints(r['question'])[:2]
+      values = remix.answers(max(x, y), min(x, y))
+      gold = values[ops[source]]
+      assert r['choices'][r['answer']] == str(gold), (source, r)
+      assert len(set(r['choices'])) == 4
+      # Every other operation's answer is offered: a question routed to another
+      # family's experts gets a wrong choice, not an absent one.
+      assert {str(v) for v in values.values()} <= set(r['choices']), r
+
+
+def test_remix_test_phrasing_names_another_family(remix_suite):
+  words = {'sum': 'sum', 'diff': 'difference', 'max': 'larger', 'min': 'smaller'}
+  for family in remix_suite.families:
+    question = remix_suite.records[family.test_source, 'dev'][0]['question']
+    others = [w for name, w in words.items() if name != family.name and w in question]
+    assert others, (family.name, question)
+
+
+def test_remix_splits_do_not_leak_and_draws_differ(remix_suite):
+  suite.check_no_leak(remix_suite.records)
+  fresh = suite.build_suite(dataclasses.replace(REMIX, draw_seed=1))
+  assert fresh.train_text == remix_suite.train_text
+  for family in remix_suite.families:
+    key = (family.test_source, 'test')
+    assert [r['question'] for r in fresh.records[key]] != [
+      r['question'] for r in remix_suite.records[key]
+    ]
+
+
+def test_route_loss_and_document_routes(remix_suite):
+  import jax.numpy as jnp
+
+  from c3po_jax.demo import data, train
+
+  layers, b, t, e = 3, 2, 5, 8
+  probs = jnp.full((layers, b, t, e), 1 / e)
+  pos, group = jnp.array([4, 2]), jnp.array([1, -1])
+  # Uniform routing puts 2/8 of the mass on each group of two experts.
+  assert float(train.route_loss(probs, pos, group, 2, 4)) == pytest.approx(-np.log(0.25))
+  # All mass on group 1 (experts 2, 3) at the supervised token: zero loss;
+  # the ungrouped document and the other positions do not count.
+  on = jnp.zeros(e).at[2].set(1.0)
+  probs = probs.at[:, 0, 4].set(on)
+  assert float(train.route_loss(probs, pos, group, 2, 4)) == pytest.approx(0.0, abs=1e-6)
+  docs = remix_suite.train_text[:20]
+  tok = tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in remix_suite.train_text)
+  routes = train.document_routes(remix_suite, tok, docs)
+  names = [f.name for f in remix_suite.families]
+  for d, (p, g) in zip(docs, routes):
+    ids = tok.encode(d['text']).ids
+    assert p == len(ids) - 1 and tok.id_to_token(ids[p]) == ':'
+    assert names[g] == remix_suite.family_of(d['source']).name
+  documents = data.tokenize_documents(tok, docs, eos_id=1, answer_weight=10.0)
+  buckets = data.make_buckets(documents, (16, 20, 24, 32), 64, routes)
+  batch = next(data.epoch_batches(buckets, np.random.default_rng(0)))
+  for row in range(len(batch.inputs)):
+    assert batch.weights[row, batch.route_pos[row]] == 10.0  # predicts the answer
+
+
+def test_premise_choice_ce_and_summary():
+  from c3po_jax.demo import premise
+
+  scores = np.array([[0.0, -np.inf, np.log(3.0)], [1.0, 1.0, -np.inf]])
+  got = premise.choice_ce(scores, np.array([2, 0]))
+  np.testing.assert_allclose(got, [np.log(4 / 3), np.log(2)], rtol=1e-6)
+  correct = np.array([True, False, False])
+  out = premise.summarize(
+    correct,
+    np.array([0.1, 2.0, np.nan]),  # gap
+    np.array([0.0, 0.1, np.nan]),
+    np.array([0.0, 1.0, np.nan]),
+    correct,
+    np.zeros(3, bool),
+    np.zeros(3, bool),
+  )
+  assert out['gap_mean_base_right'] == 0.1 and out['gap_mean_base_wrong'] == 2.0
+  assert out['n_base_wrong'] == 2 and out['accuracy_random_rows'] == 0.0
+  assert 'pooled' in premise.format_table({'benchmarks': {'a': out}, 'pooled': out})

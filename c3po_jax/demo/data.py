@@ -3,7 +3,8 @@
 A document is `text + target + EOS`, tokenized as text and target separately
 (so the answer tokens are exactly those the scorer reads after 'Answer:').
 Every next-token prediction is a loss term of weight 1, the answer tokens' of
-weight `answer_weight`. Documents are right-padded into a few length buckets;
+weight `answer_weight`. A document may carry a routing target (its family's
+expert group at its last context token, see train.route_loss). Documents are right-padded into a few length buckets;
 a batch holds one bucket, [B, T] with B * T about `batch_tokens`, so the train
 step compiles once per bucket.
 
@@ -27,6 +28,8 @@ class Batch:
   targets: np.ndarray  # [B, T] int32 next tokens
   weights: np.ndarray  # [B, T] float32 loss weights (0 on padding)
   mask: np.ndarray  # [B, T] int32 attention mask
+  route_pos: np.ndarray  # [B] int32 position of the last context token
+  route_group: np.ndarray  # [B] int32 expert group of the document (-1: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +40,19 @@ class Bucket:
   targets: np.ndarray
   weights: np.ndarray
   mask: np.ndarray
+  route_pos: np.ndarray  # [N]
+  route_group: np.ndarray  # [N]
   batch_size: int
 
   def take(self, rows: np.ndarray) -> Batch:
-    return Batch(self.inputs[rows], self.targets[rows], self.weights[rows], self.mask[rows])
+    return Batch(
+      self.inputs[rows],
+      self.targets[rows],
+      self.weights[rows],
+      self.mask[rows],
+      self.route_pos[rows],
+      self.route_group[rows],
+    )
 
 
 def tokenize_documents(
@@ -62,15 +74,21 @@ def make_buckets(
   documents: Sequence[tuple[np.ndarray, np.ndarray]],
   lengths: Sequence[int],
   batch_tokens: int,
+  routes: Sequence[tuple[int, int]] | None = None,
 ) -> list[Bucket]:
-  """Groups documents by the shortest bucket length that holds their inputs."""
+  """Groups documents by the shortest bucket length that holds their inputs.
+
+  routes: per document (position of its last context token, expert group or
+  -1); default none.
+  """
   lengths = sorted(lengths)
+  routes = routes or [(0, -1)] * len(documents)
   groups: dict[int, list] = {t: [] for t in lengths}
-  for ids, weights in documents:
+  for (ids, weights), route in zip(documents, routes, strict=True):
     n = len(ids) - 1  # inputs are ids[:-1]
     if n > lengths[-1]:
       raise ValueError(f'a document has {n} input tokens, more than {lengths[-1]}')
-    groups[next(t for t in lengths if t >= n)].append((ids, weights))
+    groups[next(t for t in lengths if t >= n)].append((ids, weights, route))
   buckets = []
   for t, docs in groups.items():
     if not docs:
@@ -79,13 +97,16 @@ def make_buckets(
     targets = np.zeros((len(docs), t), np.int32)
     weights = np.zeros((len(docs), t), np.float32)
     mask = np.zeros((len(docs), t), np.int32)
-    for i, (ids, w) in enumerate(docs):
+    route = np.array([r for _, _, r in docs], np.int32).reshape(-1, 2)
+    for i, (ids, w, _) in enumerate(docs):
       n = len(ids) - 1
       inputs[i, :n] = ids[:-1]
       targets[i, :n] = ids[1:]
       weights[i, :n] = w
       mask[i, :n] = 1
-    buckets.append(Bucket(inputs, targets, weights, mask, max(1, batch_tokens // t)))
+    buckets.append(
+      Bucket(inputs, targets, weights, mask, route[:, 0], route[:, 1], max(1, batch_tokens // t))
+    )
   return buckets
 
 

@@ -35,6 +35,7 @@ Written files (one per source and split, generic multiple-choice JSONL):
   python -m c3po_jax.demo.suite --seed=0 --output_dir=/tmp/demo_suite
   python -m c3po_jax.demo.suite --seed=0 --draw_seed=1 --output_dir=/tmp/fresh \
       --include_train=false --settings_from=checkpoints/demo/suite
+  python -m c3po_jax.demo.suite --world=control ...   (the earlier world)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from c3po_jax.demo import families as families_lib
-from c3po_jax.demo import prompts
+from c3po_jax.demo import prompts, remix
 
 MANIFEST = 'suite.json'
 TRAIN_TEXT = 'train_text.jsonl'
@@ -58,6 +59,11 @@ FORMAT = 'c3po-jax/demo-suite'
 FORMAT_VERSION = 2
 SPLITS = ('train', 'reference', 'dev', 'test')
 EVAL_SPLITS = ('reference', 'dev', 'test')
+# The worlds a suite can be drawn from: 'remix' (remix.py, the default demo:
+# the skill lives in the experts the router picks) and 'control' (families.py,
+# the earlier demo, kept as a negative control: its neighbours are answered
+# confidently under any test routing).
+WORLDS = {'remix': remix.make_families, 'control': families_lib.make_families}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,20 +71,23 @@ class SuiteConfig:
   """Sizes of the suite. Counts are per source unless said otherwise."""
 
   seed: int = 0  # the world (fact table), train and reference splits
+  world: str = 'remix'  # which families (WORLDS)
   draw_seed: int | None = None  # dev/test draw from the held-out problems (None: seed)
   fmt: str = 'rc'  # prompt format of train text and evaluation ('rc' or 'mc')
   num_dev: int = 100
-  num_test: int = 300
+  num_test: int = 100
   num_reference: int = 200
   num_train: int = 25000  # per family, all its sources together
   test_train_fraction: float = 0.002  # share of the family's train items (50 of 25000)
-  held_out_fraction: float = 0.3  # problems never asked in the test phrasing in train
+  held_out_fraction: float = 0.5  # problems never asked in the test phrasing in train
   statement_repeats: int = 10  # copies of the fact-table statements
   num_drill: int = 30000  # mc-format drill questions (train only; mc format only)
 
   def __post_init__(self):
     if self.fmt not in prompts.FORMATS:
       raise ValueError(f'fmt={self.fmt!r}; want one of {prompts.FORMATS}')
+    if self.world not in WORLDS:
+      raise ValueError(f'world={self.world!r}; want one of {sorted(WORLDS)}')
 
   @property
   def draw(self) -> int:
@@ -196,7 +205,7 @@ def train_row(question: str, choices, answer: int, source: str, fmt: str) -> dic
 
 def build_suite(config: SuiteConfig = SuiteConfig()) -> Suite:
   """Generates every split of every family from config.seed."""
-  families = families_lib.make_families(stream(config.seed, 'world'))
+  families = WORLDS[config.world](stream(config.seed, 'world'))
   records: dict[tuple[str, str], list[dict]] = {}
   for family in families:
     records.update(_family_records(family, config))
@@ -318,13 +327,14 @@ def main(
   argv,
   *,
   seed: int,
+  world: str,
   draw_seed: int | None,
   output_dir: str,
   include_train: bool,
   settings_from: str | None,
 ):
   del argv
-  suite = build_suite(SuiteConfig(seed=seed, draw_seed=draw_seed))
+  suite = build_suite(SuiteConfig(seed=seed, world=world, draw_seed=draw_seed))
   out = write_suite(suite, output_dir, include_train=include_train)
   if settings_from:
     copy_settings(settings_from, output_dir)
@@ -335,6 +345,7 @@ def main(
 if __name__ == '__main__':
   # Flags live here so that importing this module defines none.
   _seed = flags.DEFINE_integer('seed', 0, 'Suite seed: world, train and reference splits.')
+  _world = flags.DEFINE_enum('world', 'remix', sorted(WORLDS), 'Which families.')
   _draw = flags.DEFINE_integer('draw_seed', None, 'Seed of the dev/test draw (default: --seed).')
   _output_dir = flags.DEFINE_string('output_dir', None, 'Where to write the files.', required=True)
   _include_train = flags.DEFINE_bool('include_train', True, 'Also write the train split.')
@@ -345,6 +356,7 @@ if __name__ == '__main__':
     lambda argv: main(
       argv,
       seed=_seed.value,
+      world=_world.value,
       draw_seed=_draw.value,
       output_dir=_output_dir.value,
       include_train=_include_train.value,

@@ -3,10 +3,16 @@
 Next-token cross-entropy over the suite's training text (the answer tokens
 weighted up), plus a weak Switch-style load-balancing loss on the router
 probabilities of every layer, which keeps experts from collapsing while
-leaving them room to specialize.
+leaving them room to specialize, plus (`route_coef` > 0, the remix world) a
+routing loss that gives each family its own group of experts in the last
+`route_layers` layers: at a question's last context token, the negative log of
+the router probability mass on its family's group. The skill of a family then
+lives in its experts, and the router's choice decides the answer.
 AdamW with linear warmup and cosine decay; everything seeded.
 
   python -m c3po_jax.demo.train --output_dir=checkpoints/demo --overwrite
+  python -m c3po_jax.demo.train --world=control --steps=3500 --route_coef=0 \
+      --output_dir=checkpoints/demo_control --overwrite      (the control world)
 
 Writes to output_dir: the checkpoint (config.json, params/, tokenizer files),
 demo.json (seeds, steps, train time, accuracies) and suite/ (the suite's
@@ -44,17 +50,20 @@ SUITE_DIR = 'suite'
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  world: str = 'remix'  # suite.WORLDS
   suite_seed: int = 0
   seed: int = 0
-  steps: int = 3500
-  batch_tokens: int = 2048
+  steps: int = 2400
+  batch_tokens: int = 1024
   learning_rate: float = 3e-3
   warmup_steps: int = 100
   weight_decay: float = 0.01
   answer_weight: float = 10.0
   aux_loss_coef: float = 0.001  # weak balancing, so experts can specialize (README: demo)
+  route_coef: float = 1.0  # family -> expert group at the last context token (0: off)
+  route_layers: int = 3  # the last N layers whose routing is assigned
   vocab_size: int = 1024  # tokenizer target; the model rounds up to 64
-  num_layers: int = 6
+  num_layers: int = 4
   hidden_size: int = 128
   num_heads: int = 4
   num_experts: int = 8
@@ -96,13 +105,37 @@ def load_balance_loss(router_probs: jax.Array, mask: jax.Array, k: int) -> jax.A
   return jnp.mean(e * jnp.sum(f * p, axis=-1))
 
 
-def loss_fn(params, batch: data.Batch, config: OlmoeConfig, aux_coef: float):
+def route_loss(
+  router_probs: jax.Array, pos: jax.Array, group: jax.Array, num_layers: int, num_groups: int
+) -> jax.Array:
+  """Mean over the last num_layers layers and grouped documents of -log(group mass).
+
+  Expert e belongs to group e // (E / num_groups). router_probs [L, B, T, E],
+  pos [B] (last context token), group [B] (-1: no group, not counted).
+  """
+  _, b, _, e = router_probs.shape
+  p = router_probs[-num_layers:, jnp.arange(b), pos]  # [C, B, E]
+  owner = jnp.arange(e) // (e // num_groups)  # [E]
+  in_group = (owner[None, :] == group[:, None]).astype(p.dtype)  # [B, E]
+  mass = jnp.sum(p * in_group[None], axis=-1)  # [C, B]
+  valid = (group >= 0).astype(p.dtype)
+  nll = -jnp.log(jnp.maximum(mass, 1e-9))  # guard: log(0) for an untrained router
+  return jnp.sum(nll * valid[None]) / jnp.maximum(num_layers * jnp.sum(valid), 1.0)
+
+
+def loss_fn(params, batch: data.Batch, config: OlmoeConfig, aux_coef: float, route=None):
+  """route: None, or (coef, num_layers, num_groups) of the routing loss."""
   out = transformer.forward(params, batch.inputs, config=config, attention_mask=batch.mask)
   logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, T, V]
   nll = -jnp.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]
   ce = jnp.sum(nll * batch.weights) / jnp.sum(batch.weights)
   aux = load_balance_loss(out.router_probs, batch.mask, config.num_experts_per_tok)
-  return ce + aux_coef * aux, {'ce': ce, 'aux': aux}
+  total, metrics = ce + aux_coef * aux, {'ce': ce, 'aux': aux}
+  if route is not None:
+    coef, num_layers, num_groups = route
+    r = route_loss(out.router_probs, batch.route_pos, batch.route_group, num_layers, num_groups)
+    total, metrics = total + coef * r, {**metrics, 'route': r}
+  return total, metrics
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -117,12 +150,24 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   )
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'optimizer', 'aux_coef'), donate_argnums=0)
-def train_step(state, batch, *, config, optimizer, aux_coef):
+@functools.partial(
+  jax.jit, static_argnames=('config', 'optimizer', 'aux_coef', 'route'), donate_argnums=0
+)
+def train_step(state, batch, *, config, optimizer, aux_coef, route=None):
   params, opt_state = state
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, config, aux_coef)
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, config, aux_coef, route)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return (optax.apply_updates(params, updates), opt_state), metrics
+
+
+def document_routes(the_suite: suite.Suite, tok, docs) -> list[tuple[int, int]]:
+  """Per training document (its last context token, its family's index; -1: plain text)."""
+  group = {s: i for i, f in enumerate(the_suite.families) for s in f.sources}
+  lengths = [len(ids) for ids in scoring.encode_prompts(tok, [d['text'] for d in docs])]
+  return [
+    (n - 1, group[d['source']]) if d['target'] and d['source'] in group else (0, -1)
+    for d, n in zip(docs, lengths)
+  ]
 
 
 def dev_accuracy(params, config, tok, the_suite: suite.Suite, split: str = 'dev') -> dict:
@@ -135,7 +180,7 @@ def dev_accuracy(params, config, tok, the_suite: suite.Suite, split: str = 'dev'
 
 
 def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
-  the_suite = suite.build_suite(suite.SuiteConfig(seed=cfg.suite_seed))
+  the_suite = suite.build_suite(suite.SuiteConfig(seed=cfg.suite_seed, world=cfg.world))
   docs = the_suite.train_text
   tok = tokenizer_lib.train_tokenizer((d['text'] + d['target'] for d in docs), cfg.vocab_size)
   if the_suite.config.fmt == 'mc':
@@ -144,7 +189,12 @@ def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
   logging.info('Train config: %s', cfg)
   logging.info('Model config: %s', config)
   documents = data.tokenize_documents(tok, docs, config.eos_token_id, cfg.answer_weight)
-  buckets = data.make_buckets(documents, cfg.bucket_lengths, cfg.batch_tokens)
+  route = None
+  routes = None
+  if cfg.route_coef > 0:
+    route = (cfg.route_coef, cfg.route_layers, len(the_suite.families))
+    routes = document_routes(the_suite, tok, docs)
+  buckets = data.make_buckets(documents, cfg.bucket_lengths, cfg.batch_tokens, routes)
   logging.info(
     '%d documents, %d tokens; buckets %s',
     len(documents),
@@ -158,7 +208,7 @@ def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
   optimizer = make_optimizer(cfg)
   state = (params, optimizer.init(params))
   step_fn = functools.partial(
-    train_step, config=config, optimizer=optimizer, aux_coef=cfg.aux_loss_coef
+    train_step, config=config, optimizer=optimizer, aux_coef=cfg.aux_loss_coef, route=route
   )
   stream = data.batches(buckets, cfg.seed)
   start = time.time()
@@ -170,8 +220,8 @@ def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
       m = jax.tree.map(lambda *x: float(np.mean(x)), *recent)
       recent = []
       logging.info(
-        'step %d/%d  ce %.4f  aux %.3f  %.1f s', step, cfg.steps, m['ce'], m['aux'],
-        time.time() - start,
+        'step %d/%d  ce %.4f  aux %.3f  route %.3f  %.1f s', step, cfg.steps, m['ce'], m['aux'],
+        m.get('route', 0.0), time.time() - start,
       )  # fmt: skip
     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
       for split in ('dev', 'reference'):
@@ -221,7 +271,7 @@ def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
 
 def define_flags() -> dict:
   """Flags of the script: output_dir, overwrite and one per scalar TrainConfig field."""
-  define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}
+  define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
   out = {
     f.name: define[type(f.default)](f.name, f.default, f'TrainConfig.{f.name}')
     for f in dataclasses.fields(TrainConfig)
