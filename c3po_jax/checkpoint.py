@@ -14,9 +14,10 @@ refused.
 
 A save writes `.<name>.tmp-<host>-<pid>-*` next to the output and, when it
 replaces one, first moves the old one into `.<name>.old-<host>-<pid>-*`. If the
-process is killed, the next save or load of that output cleans up what it
-left (only siblings whose process is gone, on this host) and, if the swap was
-cut between its two renames, puts the old checkpoint back.
+process is killed, the next save into the same parent directory, or load of
+that output, cleans up what it left (only temporaries whose process is gone,
+on this host) and, if a swap was cut between its two renames, puts the old
+checkpoint back.
 
 Dimensions: D model, V vocab, E experts, F expert hidden.
 """
@@ -202,28 +203,30 @@ def _alive(pid: int) -> bool:
   return True
 
 
-def _stale_siblings(output_dir: str) -> list[tuple[str, str]]:
-  """(kind, path) of temporary siblings whose saving process is gone from this host."""
-  parent, base = os.path.split(output_dir)
+_SIBLING = re.compile(r'\.(.+)\.(tmp|old)-([0-9a-f]{8})-(\d+)-[^/]*')
+
+
+def _stale_siblings(parent: str) -> list[tuple[str, str, str]]:
+  """(output name, kind, path) of the temporaries in parent whose saving process
+  is gone from this host (whatever output they were for)."""
   if not os.path.isdir(parent):
     return []
-  pattern = re.compile(re.escape(f'.{base}.') + r'(tmp|old)-([0-9a-f]{8})-(\d+)-[^/]*')
   out = []
   for name in sorted(os.listdir(parent)):
-    m = pattern.fullmatch(name)
-    if m and m.group(2) == _host() and not _alive(int(m.group(3))):
-      out.append((m.group(1), os.path.join(parent, name)))
+    m = _SIBLING.fullmatch(name)
+    if m and m.group(3) == _host() and not _alive(int(m.group(4))):
+      out.append((m.group(1), m.group(2), os.path.join(parent, name)))
   return out
 
 
 def recover(output_dir: str) -> None:
-  """Cleans up after a killed save into output_dir (see the module docstring)."""
-  output_dir = os.path.abspath(output_dir)
-  for kind, path in _stale_siblings(output_dir):
-    aside = os.path.join(path, os.path.basename(output_dir))
-    if kind == 'old' and not os.path.exists(output_dir) and is_ours(aside):
-      logging.warning('A save was killed mid-swap: restoring %s from %s.', output_dir, aside)
-      os.rename(aside, output_dir)
+  """Cleans up after killed saves next to output_dir (see the module docstring)."""
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  for base, kind, path in _stale_siblings(parent):
+    target, aside = os.path.join(parent, base), os.path.join(path, base)
+    if kind == 'old' and not os.path.lexists(target) and is_ours(aside):
+      logging.warning('A save was killed mid-swap: restoring %s from %s.', target, aside)
+      os.rename(aside, target)
     logging.warning('Removing %s, left by a killed save.', path)
     _remove_tree(path)
 

@@ -118,11 +118,12 @@ def test_stale_temporaries_of_killed_conversions_are_removed(hf, tmp_path):
   dead = tmp_path / f'.ckpt.tmp-{checkpoint._host()}-{_dead_pid()}-abc'
   live = tmp_path / f'.ckpt.tmp-{checkpoint._owner()}-def'  # this process: in use
   other_host = tmp_path / f'.ckpt.tmp-00000000-{_dead_pid()}-ghi'
-  for d in (dead, live, other_host):
+  other_output = tmp_path / f'.model v2.tmp-{checkpoint._host()}-{_dead_pid()}-jkl'
+  for d in (dead, live, other_host, other_output):
     d.mkdir()
     (d / 'big').write_bytes(b'x' * 100)
   convert.convert(hf, str(tmp_path / 'ckpt'), dtype='float32')
-  assert not dead.exists()
+  assert not dead.exists() and not other_output.exists()
   assert live.exists() and other_host.exists()
 
 
