@@ -249,6 +249,7 @@ def run(rc: RunConfig) -> dict:
     run_output.prepare(rc)
   config, params, tokenizer = load_model(rc, mesh)
   logging.info('model: %s', config)
+  run_output.check_checkpoint(rc, references.params_fingerprint(params))
   runner = Runner(rc, config, params, tokenizer, mesh)
   all_test, test = test, distributed.process_share(test)  # this process's samples
   runner.test = test
@@ -271,7 +272,7 @@ def run(rc: RunConfig) -> dict:
     'benchmark': rc.benchmark,
     'reference_splits': {s['source']: s['split'] for s in ref_sources},
     'run_config': dataclasses.asdict(rc),
-    'provenance': run_output.provenance(rc, params, data, started),
+    'provenance': run_output.provenance(rc, data, started),
   }
   results.write_summary(rc.output_dir, summary, extra)
   print(results.format_table(summary, rc.benchmark))

@@ -7,6 +7,8 @@ whose settings differ from the stored `run_config.json` in anything that
 changes results. Settings that only change how fast or where things run
 (`EXECUTION_FIELDS`) may differ, and the methods list may grow (each method's
 rows depend only on the other settings); everything else must match.
+`check_checkpoint` then compares the loaded parameters' fingerprint with the
+stored one, so a checkpoint re-converted at the same path is caught too.
 
 `provenance` is the block summary.json carries: package versions, the git
 commit, the checkpoint's fingerprint, the data splits and sizes actually used,
@@ -27,7 +29,7 @@ import time
 import jax
 from absl import logging
 
-from c3po_jax import references, results
+from c3po_jax import results
 from c3po_jax.errors import UsageError
 
 RUN_CONFIG_FILE = 'run_config.json'
@@ -111,9 +113,11 @@ def prepare(rc) -> None:
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, RUN_CONFIG_FILE)
-    with open(path + '.tmp', 'w') as f:
-      json.dump({'run_config': _as_json(rc)}, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
+    stored = {}
+    if rc.resume and os.path.exists(path):
+      with open(path) as f:
+        stored = json.load(f)  # keeps checkpoint_fingerprint for check_checkpoint
+    _write_json(path, {**stored, 'run_config': _as_json(rc)})
 
 
 def _check_resume(rc) -> None:
@@ -133,6 +137,32 @@ def _check_resume(rc) -> None:
       f'({"; ".join(diff)}): its rows would mix both; use the stored settings, '
       'another --output_dir, or --overwrite'
     )
+
+
+def check_checkpoint(rc, fingerprint: str) -> None:
+  """Refuses --resume over another checkpoint's rows; stores the fingerprint."""
+  path = os.path.join(rc.output_dir, RUN_CONFIG_FILE)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    return  # prepare wrote it, or another process did: nothing to compare with
+  before = stored.get('checkpoint_fingerprint')
+  if rc.resume and before not in (None, fingerprint):
+    raise ConfigMismatchError(
+      f'--resume with other model weights than the run in {rc.output_dir} (parameter '
+      f'fingerprint {before} -> {fingerprint}, same --checkpoint_dir={rc.checkpoint_dir}): '
+      'its rows would mix both; use another --output_dir, or --overwrite'
+    )
+  if jax.process_index() == 0 and before != fingerprint:
+    stored['checkpoint_fingerprint'] = fingerprint
+    _write_json(path, stored)
+
+
+def _write_json(path: str, obj: dict) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
 
 
 def _versions() -> dict:
@@ -165,8 +195,10 @@ def git_commit() -> dict | None:
   return {'commit': head.stdout.strip(), 'dirty': bool(dirty.stdout.strip())}
 
 
-def provenance(rc, params, data: dict, started: float) -> dict:
+def provenance(rc, data: dict, started: float) -> dict:
   """summary.json's provenance block; data: the splits and sizes used."""
+  with open(os.path.join(rc.output_dir, RUN_CONFIG_FILE)) as f:
+    fingerprint = json.load(f).get('checkpoint_fingerprint')
   return {
     'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     'wall_seconds': round(time.time() - started, 1),
@@ -175,7 +207,7 @@ def provenance(rc, params, data: dict, started: float) -> dict:
     'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
     'checkpoint': {
       'path': rc.checkpoint_dir,
-      'fingerprint': references.params_fingerprint(params),
+      'fingerprint': fingerprint,
     },
     'data': data,
   }

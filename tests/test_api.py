@@ -1,5 +1,6 @@
 """The Python API runs C3PO without the CLI; its summary carries provenance."""
 
+import dataclasses
 import json
 import os
 
@@ -7,15 +8,11 @@ import pytest
 from engine_utils import make_checkpoint
 
 import c3po_jax
-from c3po_jax import results
+from c3po_jax import results, run_output
 
 
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
-
-
-def test_run_returns_predictions_pathways_and_provenance(ckpt, tmp_path):
+def test_run_returns_predictions_pathways_and_provenance(tmp_path):
+  ckpt = make_checkpoint(tmp_path / 'tiny')
   rc = c3po_jax.RunConfig(
     checkpoint_dir=ckpt,
     benchmark='arc_challenge',
@@ -24,7 +21,7 @@ def test_run_returns_predictions_pathways_and_provenance(ckpt, tmp_path):
     max_test_samples=2,
     max_reference_samples=8,
     batch_size=2,
-    critical_layers=2,
+    critical_layers=(2, 3),
     core_experts=4,
     ngd_steps=2,
     max_similarity=1.0,
@@ -52,3 +49,8 @@ def test_run_returns_predictions_pathways_and_provenance(ckpt, tmp_path):
   lo, hi = summary['methods']['base']['accuracy_ci95']
   assert 0 <= lo <= summary['methods']['base']['accuracy'] <= hi <= 1
   assert os.path.exists(tmp_path / 'out' / 'run_config.json')
+
+  # The same checkpoint path with other weights: --resume refuses to mix rows.
+  make_checkpoint(tmp_path / 'tiny', seed=1)
+  with pytest.raises(run_output.ConfigMismatchError, match='other model weights'):
+    c3po_jax.run(dataclasses.replace(rc, resume=True))
