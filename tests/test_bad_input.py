@@ -204,3 +204,13 @@ def test_help_lists_benchmarks_and_methods():
   proc = _main('--help')
   assert 'kernel_regression' in proc.stdout and 'arc_challenge' in proc.stdout
   assert 'intentionally kept short' not in proc.stdout
+
+
+def test_seconds_per_sample_leaves_out_the_first_compiling_batch():
+  times = [9.0, 9.0, 1.0, 1.0, 2.0]  # per-sample times of batches of 2
+  rows = [
+    {'method': 'ngd', 'id': str(i), 'correct': True, 'seconds': t} for i, t in enumerate(times)
+  ]
+  s = results.summarize(rows)['ngd']
+  assert s['seconds_per_sample'] == 4 / 3 and s['first_batch_seconds_per_sample'] == 9.0
+  assert results.summarize(rows[:2])['ngd']['seconds_per_sample'] == 9.0  # one batch only
