@@ -34,9 +34,33 @@ flags.DEFINE_integer('k', _D.k, 'Neighbours per test sample (kNN, or the epsilon
 flags.DEFINE_float('epsilon', None, 'Epsilon-ball radius in cosine distance (default: kNN).')
 flags.DEFINE_float('max_similarity', _D.max_similarity, 'Drop references more similar than this.')
 flags.DEFINE_enum('kernel', _D.kernel, ['gaussian', 'matern', 'polynomial', 'linear'], 'Kernel.')
-flags.DEFINE_string('sigma', _D.sigma, "Kernel bandwidth: 'median' or a positive float.")
+flags.DEFINE_string(
+  'sigma', _D.sigma, "Kernel bandwidth: 'reference' (from the reference set), 'median', or a float."
+)
+flags.DEFINE_integer('ball_cap', _D.ball_cap, 'Most neighbours of an --epsilon ball.')
 flags.DEFINE_string('embedder', _D.embedder, "'moe' (MoEE) or a local HF encoder directory.")
-flags.DEFINE_list('critical_layers', ['5'], 'Last N layers (one int) or explicit layer indices.')
+flags.DEFINE_enum(
+  'embedder_pooling',
+  _D.embedder_pooling,
+  ['auto', 'mean', 'cls', 'last'],
+  "HF encoder pooling ('auto': its sentence-transformers config, else mean).",
+)
+flags.DEFINE_string('embedder_prefix', _D.embedder_prefix, 'HF encoder instruction prefix.')
+flags.DEFINE_string(
+  'critical_layers', _D.critical_layers, "Re-mixed layers: 'last:N', one index 'I', or 'I,J,K'."
+)
+flags.DEFINE_enum(
+  'token_position',
+  _D.token_position,
+  ['last', 'first', 'middle'],
+  'Which context token is re-mixed (the paper: last is best).',
+)
+flags.DEFINE_enum(
+  'pathway_param',
+  _D.pathway_param,
+  ['weights', 'logits'],
+  'What NGD optimizes: the core mixing weights (projected onto the simplex) or their logits.',
+)
 flags.DEFINE_integer('core_experts', _D.core_experts, 'Core experts per layer (0: all).')
 flags.DEFINE_integer('ngd_steps', _D.ngd_steps, 'NGD steps.')
 flags.DEFINE_float('lr', _D.lr, 'NGD initial learning rate (cosine schedule).')
@@ -101,7 +125,6 @@ DEMO_DEFAULTS = {  # per demo suite: its model and a size that runs in minutes o
 
 
 def run_config_from_flags() -> RunConfig:
-  layers = [int(x) for x in F.critical_layers]
   return RunConfig(
     checkpoint_dir=F.checkpoint_dir,
     benchmark=F.benchmark or '(suite)',
@@ -120,9 +143,14 @@ def run_config_from_flags() -> RunConfig:
     max_similarity=F.max_similarity,
     kernel=F.kernel,
     sigma=F.sigma,
+    ball_cap=F.ball_cap,
     embedder=F.embedder,
-    critical_layers=layers[0] if len(layers) == 1 else tuple(layers),
+    embedder_pooling=F.embedder_pooling,
+    embedder_prefix=F.embedder_prefix,
+    critical_layers=F.critical_layers,
     core_experts=F.core_experts,
+    token_position=F.token_position,
+    pathway_param=F.pathway_param,
     ngd_steps=F.ngd_steps,
     lr=F.lr,
     lr_end=F.lr_end,
@@ -161,8 +189,6 @@ def apply_suite_settings(rc: RunConfig, suite_dir: str) -> RunConfig:
     # The embedded demo's default size: finishes in minutes on 2 CPU cores.
     settings = {**DEMO_DEFAULTS[suite_dir], **settings}
   unset = {k: v for k, v in settings.items() if not F[_FLAG_OF_FIELD.get(k, k)].present}
-  if isinstance(unset.get('critical_layers'), list):
-    unset['critical_layers'] = tuple(unset['critical_layers'])
   return dataclasses.replace(rc, **unset)
 
 

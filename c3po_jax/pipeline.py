@@ -11,7 +11,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from benchmarks.tasks import Example, TaskSourceError, load_examples
 from benchmarks.tasks import registry as task_registry
 from c3po_jax import (
+  diagnostics,
   distributed,
   embedding,
   engine,
@@ -28,6 +28,7 @@ from c3po_jax import (
   plots,
   prompting,
   references,
+  remix,
   results,
   run_output,
 )
@@ -103,6 +104,7 @@ class Analysis:
   cont_chars: np.ndarray  # [n, C]
   embeddings: np.ndarray  # [n, De]
   router_probs: np.ndarray  # [n, L, E]
+  seq_probs: np.ndarray  # [n, S, L, E] each sequence's routing at its last context token
 
 
 class Runner:
@@ -119,6 +121,7 @@ class Runner:
       lr=rc.lr,
       lr_end=rc.lr_end,
       optimizer=rc.optimizer,
+      pathway_param=rc.pathway_param,
       kr_alpha=rc.kr_alpha,
       mode_alpha=rc.mode_alpha,
       mode_iters=rc.mode_iters,
@@ -133,16 +136,32 @@ class Runner:
         opt_pathway_mode=rc.opt_pathway_mode,
         eval_pathway_mode=rc.eval_pathway_mode,
       ),
-      loss_backend=engine.BACKENDS[rc.ngd_backend],
+      loss_backend=engine.BACKENDS[self.backend_name(rc)],
     )
     # Prepared neighbour states of recurring references, by (task, id, fmt).
     self.states = None
-    if rc.ngd_backend == 'prefix' and rc.prefix_cache_size:
+    if self.backend_name(rc) == 'prefix' and rc.prefix_cache_size:
       fit = self.engine.loss_backend.fit
       self.states = StateCache(self.engine.prepare, fit, rc.prefix_cache_size)
-    self.encoder = None if rc.embedder == 'moe' else embedding.EncoderEmbedder(rc.embedder)
+    self.encoder = None
+    if rc.embedder != 'moe':
+      self.encoder = embedding.EncoderEmbedder(
+        rc.embedder, pooling=rc.embedder_pooling, prefix=rc.embedder_prefix
+      )
     self.num_choices = 2
     self.test: list[Example] = []
+
+  @staticmethod
+  def backend_name(rc: RunConfig) -> str:
+    """The loss backend: the prefix cache needs the re-mixed token to be the last one."""
+    if rc.ngd_backend == 'prefix' and rc.token_position != 'last':
+      logging.warning(
+        '--token_position=%s: the prefix-cached loss covers the last token only; '
+        'using the naive backend',
+        rc.token_position,
+      )
+      return 'naive'
+    return rc.ngd_backend
 
   # ---- passes over many prompts ----
   def encode(self, examples, fewshot=None) -> list[EncodedPrompt]:
@@ -155,7 +174,11 @@ class Runner:
     size = size or self.rc.batch_size
     return self.shard(
       make_batch(
-        _pad(prompts, size), batch_size=size, num_choices=self.num_choices, max_len=self.rc.max_len
+        _pad(prompts, size),
+        batch_size=size,
+        num_choices=self.num_choices,
+        max_len=self.rc.max_len,
+        position=self.rc.token_position,
       )
     )
 
@@ -165,7 +188,7 @@ class Runner:
 
   def analyze(self, examples, prompts, desc) -> Analysis:
     bs = self.rc.batch_size
-    out = {k: [] for k in ('scores', 'chars', 'hidden', 'logits', 'probs')}
+    out = {k: [] for k in ('scores', 'chars', 'hidden', 'logits', 'probs', 'seq_probs')}
     for i in tqdm(range(0, len(prompts), bs), desc=desc, unit='batch'):
       chunk = prompts[i : i + bs]
       b = self.batch(chunk)
@@ -176,12 +199,19 @@ class Runner:
       out['hidden'].append(an.last_hidden[:n])
       out['logits'].append(an.router_logits[:n])
       out['probs'].append(an.router_probs[:n])
+      out['seq_probs'].append(an.seq_router_probs[:n])
     cat = {k: np.concatenate(v) for k, v in out.items()}
     if self.encoder is None:
       emb = embedding.moe_embedding(cat['hidden'], cat['logits'])
     else:
       emb = self.encoder([e.context for e in examples])
-    return Analysis(cat['scores'], cat['chars'], emb, cat['probs'].astype(np.float32))
+    return Analysis(
+      cat['scores'],
+      cat['chars'],
+      emb,
+      cat['probs'].astype(np.float32),
+      cat['seq_probs'].astype(np.float32),
+    )
 
   def reference_set(self, pool: list[Example]) -> references.ReferenceSet:
     if not pool:
@@ -192,6 +222,9 @@ class Runner:
       'data': references.examples_fingerprint(pool),
       'fmt': self.rc.fmt,
       'embedder': self.rc.embedder,
+      'embedder_pooling': self.rc.embedder_pooling,
+      'embedder_prefix': self.rc.embedder_prefix,
+      'token_position': self.rc.token_position,
       'max_len': self.rc.max_len,
       'version': 1,
     }
@@ -220,15 +253,6 @@ class Runner:
     if jax.process_index() == 0:  # one writer when processes share cache_dir
       references.save(cache_dir, refs, parts)
     return refs
-
-
-def _pathway_record(cs, q0, q, spec) -> dict:
-  return {
-    'layers': list(spec.layers),
-    'core': np.asarray(cs.core).tolist(),
-    'before': np.round(np.asarray(q0), 4).tolist(),
-    'after': np.round(np.asarray(q), 4).tolist(),
-  }
 
 
 def run(rc: RunConfig) -> dict:
@@ -274,8 +298,13 @@ def run(rc: RunConfig) -> dict:
     'run_config': dataclasses.asdict(rc),
     'provenance': run_output.provenance(rc, data, started),
   }
+  diag = diagnostics.summarize(rows)
+  extra['diagnostics'] = diag
   results.write_summary(rc.output_dir, summary, extra)
   print(results.format_table(summary, rc.benchmark))
+  if diag:
+    print(diagnostics.format_table(diag))
+    plots.ngd_steps(diag, rc.output_dir)
   plot_rows = [r for r in rows if r['method'] == 'ngd'] or [r for r in rows if r.get('pathway')]
   plots.routing_heatmaps(plot_rows, rc.output_dir, rc.num_plots)
   return summary
@@ -292,15 +321,24 @@ def _test_split(rc: RunConfig) -> str | None:
 def _run_methods(rc, runner: Runner, test, pool, writer):
   prompts = runner.encode(test)
   base = runner.analyze(test, prompts, 'test (base)')
-  base_pred, base_norm = predictions(base.scores, base.cont_chars)
+  base_pred, _ = predictions(base.scores, base.cont_chars)
   gold = np.asarray([e.gold for e in test])
   refs = runner.reference_set(pool) if pool else None
   if refs is not None:
     logging.info('reference set: %d of %d answered correctly', len(refs), refs.num_candidates)
     nbh = neighbours.find(
-      base.embeddings, refs.embeddings, k=rc.k, epsilon=rc.epsilon, max_similarity=rc.max_similarity
+      base.embeddings,
+      refs.embeddings,
+      k=rc.k,
+      epsilon=rc.epsilon,
+      max_similarity=rc.max_similarity,
+      ball_cap=rc.ball_cap,
     )
-    weights = kernels.kernel_weights(nbh.similarity, nbh.valid, kind=rc.kernel, sigma=rc.sigma)
+    sigma = rc.sigma
+    if sigma == 'reference':
+      sigma = kernels.reference_bandwidth(refs.embeddings, k=rc.k, max_similarity=rc.max_similarity)
+      logging.info('kernel bandwidth (reference rule): sigma = %.4f', sigma)
+    weights = kernels.kernel_weights(nbh.similarity, nbh.valid, kind=rc.kernel, sigma=sigma)
     lonely = int((~nbh.valid.any(axis=1)).sum())
     if lonely:
       logging.warning(
@@ -312,7 +350,9 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       )
     ref_prompts = runner.encode(refs.examples)
 
-  def row(method, i, pred, norm, seconds, **extra):
+  def row(method, i, scores, seconds, **extra):
+    pred, norm = predictions(scores[None], base.cont_chars[i][None])
+    pred, norm = pred[0], norm[0]
     r = {
       'method': method,
       'id': test[i].id,
@@ -323,6 +363,11 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       'correct_norm': bool(norm == gold[i]),
       'base_prediction': int(base_pred[i]),
       'seconds': float(seconds),
+      'question': test[i].context,
+      'choices': list(test[i].choices),
+      # The per-choice scores the prediction was taken from (rc: summed
+      # continuation log-likelihoods; mc: the answer letters' log-probabilities).
+      'choice_scores': [round(float(x), 5) for x in scores[: len(test[i].choices)]],
     }
     if refs is not None and method != 'base':
       r['neighbours'] = [
@@ -339,86 +384,14 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       continue
     if method == 'base':
       for i in todo:
-        writer.write(row('base', i, base_pred[i], base_norm[i], 0.0))
+        writer.write(row('base', i, base.scores[i], 0.0))
       continue
     bs = rc.batch_size
     for start in tqdm(range(0, len(todo), bs), desc=method, unit='batch'):
       idx = todo[start : start + bs]
       t0 = time.perf_counter()
-      out = _method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_prompts)
+      out = remix.method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_prompts)
       an_scores, extras = out
-      pred, norm = predictions(an_scores, base.cont_chars[idx])
       seconds = (time.perf_counter() - t0) / len(idx)
       for j, i in enumerate(idx):
-        writer.write(row(method, i, pred[j], norm[j], seconds, **extras[j]))
-
-
-def _method_batch(method, runner: Runner, idx, prompts, base, refs, nbh, weights, ref_prompts):
-  """Scores [len(idx), C] after `method`, and per-sample extra row fields."""
-  eng, params, bs = runner.engine, runner.params, runner.rc.batch_size
-  n = len(idx)
-  if method == 'icl':
-    fewshot = [
-      [refs.examples[j] for j, v in zip(nbh.index[i][::-1], nbh.valid[i][::-1]) if v] for i in idx
-    ]
-    tests = [
-      prompting.encode(runner.tokenizer, runner.test[i], runner.rc.fmt, fs)
-      for i, fs in zip(idx, fewshot)
-    ]
-    an = jax.device_get(eng.analyze(params, runner.batch(tests)))
-    return an.scores[:n], [{} for _ in idx]
-
-  pidx = _pad(list(idx), bs)
-  test_batch = runner.batch([prompts[i] for i in pidx])
-  cs = eng.core_slices(runner.shard(base.router_probs[pidx]))
-  q0 = jax.vmap(pw_lib.base_q)(cs)
-  extras = [{} for _ in idx]
-  if method == 'mode_finding':
-    valid = jnp.ones((len(refs),), bool)
-    trace = eng.mode_finding(cs, jnp.asarray(refs.router_probs), valid)
-  elif method == 'oracle':
-    data = eng.prepare(params, jax.tree.map(lambda x: x[:, None], test_batch))  # [Q, 1, ...]
-    trace = eng.ngd(params, cs, data, jnp.ones((bs, 1), jnp.float32))
-  else:
-    k = nbh.index.shape[1]
-    nb_prompts, nb_w, nb_probs, nb_refs = [], [], [], []
-    for i in pidx:
-      valid = nbh.valid[i]
-      fill = int(nbh.index[i][valid][0]) if valid.any() else 0
-      for j, v in zip(nbh.index[i], valid):
-        nb_prompts.append(ref_prompts[int(j) if v else fill])
-        nb_probs.append(refs.router_probs[int(j) if v else fill])
-        nb_refs.append(refs.examples[int(j) if v else fill])
-      nb_w.append(np.where(valid, weights[i], 0.0))
-    nc, ml = runner.num_choices, runner.rc.max_len
-    if runner.states is None:
-      flat = make_batch(nb_prompts, num_choices=nc, max_len=ml)
-    else:  # already prepared: [Q * N, ...]
-      keys = [(e.task, e.id, runner.rc.fmt) for e in nb_refs]
-      flat = runner.states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
-    data = runner.shard(jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat))
-    if runner.states is None:
-      data = eng.prepare(params, data)
-    w = runner.shard(np.stack(nb_w).astype(np.float32))
-    if method == 'ngd':
-      trace = eng.ngd(params, cs, data, w)
-    else:
-      probs = runner.shard(np.stack(nb_probs).reshape(bs, k, *refs.router_probs.shape[1:]))
-      trace, alpha = eng.kernel_regression(params, cs, data, w, eng.neighbour_q(cs, probs))
-      for j in range(n):
-        extras[j]['alpha'] = float(alpha[j])
-  an = jax.device_get(eng.analyze_remixed(params, test_batch, cs, trace.q))
-  finite = np.asarray(trace.finite)
-  losses = np.asarray(trace.losses)
-  for j, i in enumerate(idx):
-    has_nb = method in ('oracle', 'mode_finding') or bool(nbh.valid[i].any())
-    if not has_nb:  # nothing to learn from: the pathway stays the base one
-      extras[j]['fallback'] = 'no_neighbours'
-    elif not finite[j]:
-      extras[j]['fallback'] = 'nan'
-      logging.warning('%s: non-finite step for %s; fell back to the base pathway', method, pidx[j])
-    if losses.shape[-1]:
-      extras[j]['losses'] = np.round(losses[j], 5).tolist()
-    cs_j = jax.tree.map(lambda x, j=j: x[j], cs)
-    extras[j]['pathway'] = _pathway_record(cs_j, q0[j], trace.q[j], eng.ec.spec)
-  return an.scores[:n], extras
+        writer.write(row(method, i, an_scores[j], seconds, **extras[j]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from c3po_jax import distributed, flag_checks
+from c3po_jax import distributed, flag_checks, pathway
 
 METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
 NGD_BACKENDS = ('prefix', 'naive')
@@ -29,11 +29,21 @@ class RunConfig:
   epsilon: float | None = None
   max_similarity: float = 0.95
   kernel: str = 'gaussian'
-  sigma: str = 'median'
+  sigma: str = 'reference'  # 'reference', 'median' or a float (kernels.py)
+  ball_cap: int = 64  # most neighbours of an epsilon-ball (a static bound)
   embedder: str = 'moe'
+  embedder_pooling: str = 'auto'  # HF encoder: auto (its config), mean, cls, last
+  embedder_prefix: str = ''  # HF encoder: instruction prepended to every text
   # Efficient pathway.
-  critical_layers: int | tuple[int, ...] = 5
+  # 'last:N', one layer index 'I', or 'I,J,K' (pathway.parse_layers).
+  critical_layers: str = 'last:5'
   core_experts: int = 20
+  # Which context token is re-mixed (the paper's Table 3): 'last' (default),
+  # 'first', 'middle'.
+  token_position: str = 'last'
+  # What NGD optimizes: the core weights ('weights', projected onto the
+  # simplex of the core mass) or their log-softmax logits ('logits').
+  pathway_param: str = 'weights'
   # Surrogates.
   ngd_steps: int = 10
   lr: float = 1e-2
@@ -84,3 +94,13 @@ class RunConfig:
       raise ValueError(f'prefix_cache_size={self.prefix_cache_size} must be >= 0')
     distributed.parse_mesh_shape(self.mesh_shape)  # raises on a malformed spec
     flag_checks.check_ranges(self)  # --lr=0, --dtype=int8, ...: refused before any model loads
+    if self.token_position not in ('last', 'first', 'middle'):
+      raise ValueError(f'token_position must be last, first or middle, got {self.token_position!r}')
+    if self.pathway_param not in ('weights', 'logits'):
+      raise ValueError(f"pathway_param must be 'weights' or 'logits', got {self.pathway_param!r}")
+    if isinstance(self.critical_layers, int):
+      pathway.parse_layers(self.critical_layers, 1)  # raises: say last:N or the index
+    if not isinstance(self.critical_layers, str):  # explicit indices -> their spec string
+      object.__setattr__(
+        self, 'critical_layers', ','.join(str(int(i)) for i in self.critical_layers)
+      )
