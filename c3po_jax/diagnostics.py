@@ -57,10 +57,10 @@ def format_table(diag: dict) -> str:
   )
   lines = ['re-mixing diagnostics', head, '-' * len(head)]
   for method, d in diag.items():
-    new = None if d['topk_new'] is None else 100 * d['topk_new']
+    new = '-' if d['topk_new'] is None else f'{100 * d["topk_new"]:.1f}%'
     lines.append(
       f'{method:<18} {_fmt(d["loss_before"]):>12} {_fmt(d["loss_after"]):>11} '
-      f'{_fmt(new, ".1f") + "%":>10} {_fmt(d["mean_abs_delta"], ".5f"):>10}'
+      f'{new:>10} {_fmt(d["mean_abs_delta"], ".5f"):>10}'
     )
   for method, d in diag.items():
     if d.get('step_accuracy'):
