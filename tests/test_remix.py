@@ -321,3 +321,42 @@ def test_token_position_moves_the_pathway_site(position):
   flipped = jax.vmap(lambda w, c: pw_lib.project_simplex(w[:, ::-1], c.mass))(w0, cs)
   moved = eng.analyze_remixed(params, batch, cs, flipped, an.seq_router_probs)
   assert float(jnp.max(jnp.abs(moved.scores - an.scores))) > 1e-3
+
+
+def test_diagnostics_summary_from_rows():
+  from c3po_jax import diagnostics
+
+  pathway = {'layers': [0], 'core': [[0]], 'before': [[1.0]], 'after': [[1.0]]}
+  rows = [
+    {'method': 'base', 'id': 'a'},
+    {
+      'method': 'ngd',
+      'id': 'a',
+      'pathway': pathway,
+      'losses': [1.0, 0.5, 0.25],
+      'loss_before': 1.0,
+      'loss_after': 0.25,
+      'topk_new': 0.5,
+      'mean_abs_delta': 0.02,
+      'step_correct': [False, True, True],
+    },
+    {
+      'method': 'ngd',
+      'id': 'b',
+      'pathway': pathway,
+      'losses': [2.0, 1.5, 1.0],
+      'loss_before': 2.0,
+      'loss_after': 1.0,
+      'topk_new': 0.0,
+      'mean_abs_delta': 0.04,
+      'step_correct': [True, True, False],
+    },
+  ]
+  d = diagnostics.summarize(rows)
+  assert set(d) == {'ngd'}
+  ngd = d['ngd']
+  assert ngd['n'] == 2 and ngd['loss_before'] == 1.5 and ngd['loss_after'] == 0.625
+  assert ngd['topk_new'] == 0.25 and abs(ngd['mean_abs_delta'] - 0.03) < 1e-9
+  assert ngd['step_accuracy'] == [0.5, 1.0, 0.5] and ngd['step_loss'] == [1.5, 1.0, 0.625]
+  table = diagnostics.format_table(d)
+  assert '25.0%' in table and '50.0 100.0 50.0' in table
