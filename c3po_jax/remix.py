@@ -124,15 +124,16 @@ def method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_pro
       ex['alpha'] = float(out.alpha[j])
       if losses.shape[-1] > 1:  # alpha searched: the grid ends at alpha = 1 (base)
         ex['alpha_losses'] = np.round(losses[j], 5).tolist()
-        ex['loss_before'] = float(losses[j, -1])
-        ex['loss_after'] = float(np.min(losses[j]))
+        ex['loss_before'] = round(float(losses[j, -1]), 5)
+        ex['loss_after'] = round(float(np.min(losses[j])), 5)
     elif losses.shape[-1]:
       ex['losses'] = np.round(losses[j], 5).tolist()
-      ex['loss_before'], ex['loss_after'] = float(losses[j, 0]), float(losses[j, -1])
+      ex['loss_before'] = round(float(losses[j, 0]), 5)  # as rounded in `losses`
+      ex['loss_after'] = round(float(losses[j, -1]), 5)
     if step_correct is not None:
       ex['step_correct'] = step_correct[j].tolist()
     ex['topk_new'] = round(float(topk_new[j]), 4)
-    ex['mean_abs_delta'] = float(delta[j])
+    ex['mean_abs_delta'] = round(float(delta[j]), 6)
     cs_j = jax.tree.map(lambda x, j=j: x[j], cs)
     ex['pathway'] = pathway_record(cs_j, w0[j], trace.w[j], eng.ec.spec)
   return an.scores[:n], extras
