@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from benchmarks.tasks import Example, TaskSourceError, load_examples
+from benchmarks.tasks import Example, TaskSourceError, format_example, load_examples
 from benchmarks.tasks import registry as task_registry
 from c3po_jax import (
   diagnostics,
@@ -305,6 +305,7 @@ def run(rc: RunConfig) -> dict:
   if diag:
     print(diagnostics.format_table(diag))
     plots.ngd_steps(diag, rc.output_dir)
+  plots.accuracy(summary, rc.output_dir, rc.benchmark)
   plot_rows = [r for r in rows if r['method'] == 'ngd'] or [r for r in rows if r.get('pathway')]
   plots.routing_heatmaps(plot_rows, rc.output_dir, rc.num_plots)
   return summary
@@ -350,6 +351,8 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       )
     ref_prompts = runner.encode(refs.examples)
 
+  prompt_text = [format_example(e, rc.fmt).context for e in test]
+
   def row(method, i, scores, seconds, **extra):
     pred, norm = predictions(scores[None], base.cont_chars[i][None])
     pred, norm = pred[0], norm[0]
@@ -365,6 +368,7 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       'seconds': float(seconds),
       'question': test[i].context,
       'choices': list(test[i].choices),
+      'prompt': prompt_text[i],  # the formatted prompt (rc: the first choice's context)
       # The per-choice scores the prediction was taken from (rc: summed
       # continuation log-likelihoods; mc: the answer letters' log-probabilities).
       'choice_scores': [round(float(x), 5) for x in scores[: len(test[i].choices)]],

@@ -8,22 +8,34 @@ import numpy as np
 
 
 def routing_heatmaps(rows: list[dict], output_dir: str, max_plots: int = 4) -> list[str]:
-  """One PNG per sample (up to max_plots) from rows with a `pathway` record."""
+  """One PNG per sample (up to max_plots) from rows with a `pathway` record.
+
+  Samples whose answer the method changed come first (fixed before broken),
+  then the largest changes of the weights; the change panel's colour scale
+  fits that change, not the weights.
+  """
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
+  def order(r):
+    pw = r['pathway']
+    moved = float(np.abs(np.asarray(pw['after']) - np.asarray(pw['before'])).max())
+    changed = r.get('base_prediction') is not None and r['prediction'] != r['base_prediction']
+    return (not changed, not r.get('correct'), -moved)
+
   paths = []
-  for row in [r for r in rows if r.get('pathway')][:max_plots]:
+  for row in sorted([r for r in rows if r.get('pathway')], key=order)[:max_plots]:
     pw = row['pathway']
     before, after = np.asarray(pw['before']), np.asarray(pw['after'])
     vmax = float(max(before.max(), after.max()))
+    dmax = max(float(np.abs(after - before).max()), 1e-6)
     fig, axes = plt.subplots(1, 3, figsize=(13, 2.8), constrained_layout=True)
     panels = (
       (before, 'before (router)', 'viridis', 0.0, vmax),
       (after, f'after ({row["method"]})', 'viridis', 0.0, vmax),
-      (after - before, 'change', 'coolwarm', -vmax, vmax),
+      (after - before, 'change', 'coolwarm', -dmax, dmax),
     )
     for ax, (data, title, cmap, lo, hi) in zip(axes, panels):
       im = ax.imshow(data, aspect='auto', cmap=cmap, vmin=lo, vmax=hi)
@@ -72,6 +84,32 @@ def ngd_steps(diag: dict, output_dir: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
   path = os.path.join(output_dir, 'ngd_steps.png')
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def accuracy(summary: dict, output_dir: str, title: str = '') -> str | None:
+  """Accuracy per method with its 95% Wilson interval (`results.summarize` output)."""
+  methods = [m for m, d in summary.items() if 'accuracy' in d]
+  if not methods:
+    return None
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  acc = np.asarray([100 * summary[m]['accuracy'] for m in methods])
+  ci = np.asarray([summary[m].get('accuracy_ci95', [np.nan, np.nan]) for m in methods]) * 100
+  err = np.stack([acc - ci[:, 0], ci[:, 1] - acc])
+  fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.2), constrained_layout=True)
+  ax.bar(range(len(methods)), acc, yerr=np.nan_to_num(err), capsize=4, color='#4c72b0')
+  if 'base' in summary:
+    ax.axhline(100 * summary['base']['accuracy'], color='grey', ls='--', lw=1, label='base')
+    ax.legend()
+  ax.set_xticks(range(len(methods)), methods, rotation=20)
+  ax.set(ylabel='accuracy (%)', title=f'{os.path.basename(title)} (95% Wilson intervals)')
+  path = os.path.join(output_dir, 'accuracy.png')
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return path

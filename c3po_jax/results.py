@@ -105,7 +105,7 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 OUR_FILES = ('results.jsonl', 'results.process-*.jsonl', SUMMARY_FILE, 'run_config.json')
-OUR_FILES += ('routing_*.png',)
+OUR_FILES += ('routing_*.png', 'accuracy.png', 'ngd_steps.png')
 
 
 def remove_results(output_dir: str) -> list[str]:
