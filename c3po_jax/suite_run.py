@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import jax
 
@@ -58,6 +59,7 @@ def suite_settings(manifest: dict) -> dict:
 
 def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   """One pipeline run per benchmark of the suite; returns the combined summary."""
+  started = time.time()
   manifest = read_suite(suite_dir)
   per_benchmark, all_rows = {}, []
   for name, entry in manifest['benchmarks'].items():
@@ -79,6 +81,7 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
     return {'benchmarks': per_benchmark, 'pooled': {}}
   pooled = results.summarize(all_rows)
   diag = diagnostics.summarize(all_rows)
+  provenance = _suite_provenance(rc.output_dir, list(manifest['benchmarks']), started)
   table = format_suite_table(per_benchmark, pooled)
   print('\n' + table)
   if diag:
@@ -93,6 +96,7 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
         'benchmarks': per_benchmark,
         'pooled': pooled,
         'diagnostics': diag,
+        'provenance': provenance,
         'run_config': dataclasses.asdict(rc),
       },
       f,
@@ -101,6 +105,22 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
     )
   os.replace(path + '.tmp', path)
   return {'benchmarks': per_benchmark, 'pooled': pooled}
+
+
+def _suite_provenance(output_dir: str, names: list[str], started: float) -> dict:
+  """The benchmarks' provenance blocks merged: shared fields once, data per benchmark."""
+  blocks = {}
+  for name in names:
+    path = os.path.join(output_dir, name, results.SUMMARY_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        blocks[name] = json.load(f).get('provenance') or {}
+  if not blocks:
+    return {}
+  first = dict(next(iter(blocks.values())))
+  first['data'] = {name: b.get('data') for name, b in blocks.items()}
+  first['wall_seconds'] = round(time.time() - started, 1)
+  return first
 
 
 def format_suite_table(per_benchmark: dict, pooled: dict) -> str:

@@ -126,6 +126,8 @@ def test_no_flag_run_is_the_embedded_demo(tmp_path):
   with open(os.path.join(DEMO, 'suite', 'suite.json')) as f:
     families = tuple(json.load(f)['benchmarks'])
   assert len(families) >= 2 and set(summary['benchmarks']) == set(families)
+  assert set(summary['provenance']['data']) == set(families)  # one provenance block
+  assert summary['provenance']['versions']['jax'] and 'ngd' in summary['diagnostics']
   methods = {'base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle'}
   assert set(summary['pooled']) == methods
   # The suite's own settings apply: its prompt format and what was chosen on dev.
