@@ -294,9 +294,29 @@ def merge_rows(
   return [seen[key] for key in sorted(seen, key=rank)]
 
 
-def _parse_lines(data: bytes) -> list[dict]:
-  """JSON lines; a torn last line (no newline: a crash mid-write) is dropped."""
-  return [json.loads(x) for x in data[: data.rfind(b'\n') + 1].splitlines() if x.strip()]
+def _parse_lines(data: bytes, source: str) -> list[dict]:
+  """JSON lines; a torn last line (no newline: a crash mid-write) is dropped.
+
+  A line that is not a result row raises ResultsFileError naming `source`
+  and the line, as `results.read_rows` does for a single process.
+  """
+  rows = []
+  for number, raw in enumerate(data[: data.rfind(b'\n') + 1].splitlines(), start=1):
+    if not raw.strip():
+      continue
+    try:
+      row = json.loads(raw.decode('utf-8'))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      row, why = None, str(e)
+    else:
+      why = 'no method and id'
+    if not isinstance(row, dict) or not {'method', 'id'} <= set(row):
+      raise results.ResultsFileError(
+        f'{source}, line {number}: not a result row ({why}); delete that line and pass '
+        '--resume, or --overwrite to start over'
+      )
+    rows.append(row)
+  return rows
 
 
 def write_rows(path: str, rows: Sequence[dict]) -> None:
@@ -323,11 +343,14 @@ def collect_rows(
     return results.read_rows(writer_path)
   with open(writer_path, 'rb') as f:
     mine = f.read()
-  parts = [_parse_lines(b) for b in _gather_bytes(mine)]
+  parts = [
+    _parse_lines(b, f'results of process {i} ({writer_path} there)')
+    for i, b in enumerate(_gather_bytes(mine))
+  ]
   merged_path = os.path.join(output_dir, results.RESULTS_FILE)
   if jax.process_index() == 0 and os.path.exists(merged_path):
     with open(merged_path, 'rb') as f:
-      parts.insert(0, _parse_lines(f.read()))
+      parts.insert(0, _parse_lines(f.read(), merged_path))
   rows = merge_rows(parts, methods, ids)
   if jax.process_index() == 0:
     write_rows(merged_path, rows)
