@@ -88,9 +88,9 @@ def _convert(model) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from c3po_jax.param_mapping import ParamAssembler
   from models.olmoe import transformer
   from models.olmoe.config import OlmoeConfig
+  from models.olmoe.hf_mapping import ParamAssembler
 
   config = OlmoeConfig.from_hf_config(model.config.to_dict())
   assembler = ParamAssembler(transformer.param_shapes(config), np.float32)

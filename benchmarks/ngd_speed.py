@@ -8,12 +8,12 @@ choice cross-entropy loss. Seconds per test sample of:
 
   base        a jitted forward of the test prompts (full logits), batch of Q
   base_b1     the same, one prompt at a time (batch of 1)
-  ngd         our NGD: prefix-cached loss (`prefix_cache.PrefixLoss`), Q
+  ngd         our NGD: prefix-cached loss (`losses.PrefixLoss`), Q
               samples in one jitted call, preparing the neighbours included
   ngd_warm    the same with the neighbours' prefix states already prepared
               (references recurring across test samples: the LRU's hits)
   ngd_dense   ngd with the pathway mixed densely while optimizing
-  naive_jax   the same engine with `engine.NaiveLoss`: every step re-runs
+  naive_jax   the same engine with `losses.NaiveLoss`: every step re-runs
               every neighbour's full forward and backward
   torch       naive NGD in PyTorch on transformers' `OlmoeForCausalLM` with
               the same weights: the public C3PO code's override (the last
@@ -46,7 +46,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks import torch_c3po
+from c3po_jax.testing import torch_c3po
 
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 8, 'Test samples Q in one batch.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'Tokens per prompt (test and neighbours).')
@@ -104,9 +104,9 @@ def _models(seed: int):
   from transformers import OlmoeConfig as HFOlmoeConfig
   from transformers import OlmoeForCausalLM
 
-  from c3po_jax.param_mapping import ParamAssembler
   from models.olmoe import transformer
   from models.olmoe.config import BENCH
+  from models.olmoe.hf_mapping import ParamAssembler
 
   kwargs = {
     k: v for k, v in BENCH.to_hf_config().items() if k not in ('architectures', 'model_type')
@@ -123,7 +123,7 @@ def _problem(rng, q: int, k: int, t: int, vocab: int):
   """Test tokens [Q, T], neighbour prompts (Q*k, mc), kernel weights [Q, k]."""
   import numpy as np
 
-  from c3po_jax.scoring import EncodedPrompt
+  from c3po_jax.remix.scoring import EncodedPrompt
 
   letters = tuple((int(x),) for x in rng.choice(vocab, NUM_CHOICES, replace=False))
   tokens = rng.integers(0, vocab, (q, t), dtype=np.int32)
@@ -233,8 +233,8 @@ def main(argv):
   import numpy as np
   import torch
 
-  from c3po_jax import engine, methods, scoring
-  from c3po_jax import pathway as pw_lib
+  from c3po_jax.remix import engine, losses, methods, scoring
+  from c3po_jax.remix import pathway as pw_lib
   from models.olmoe import transformer
   from models.olmoe.config import BENCH
 
@@ -273,7 +273,7 @@ def main(argv):
     return lambda: opt(params, cs, prep(params, nb), w), lambda: opt(params, cs, data, w), cs
 
   # (b) ours: prepare + NGD of the whole batch; warm: NGD on prepared states.
-  run_ngd, run_warm, cs = ngd_runner('ngd', engine.BACKENDS['prefix'], _MODE.value)
+  run_ngd, run_warm, cs = ngd_runner('ngd', losses.BACKENDS['prefix'], _MODE.value)
   fns = {
     'base': lambda: fwd(params, tokens),
     'base_b1': lambda: [fwd1(params, tokens[i : i + 1]) for i in range(q)],
@@ -281,11 +281,11 @@ def main(argv):
     'ngd_warm': run_warm,
   }
   if _ALSO_DENSE.value and _MODE.value != 'dense':
-    fns['ngd_dense'] = ngd_runner('ngd_dense', engine.BACKENDS['prefix'], 'dense')[0]
+    fns['ngd_dense'] = ngd_runner('ngd_dense', losses.BACKENDS['prefix'], 'dense')[0]
   rows.update({k: t / q for k, t in _median_seconds(fns, _REPEATS.value).items()})
   trace = run_ngd().trace
   # (c) naive JAX, the same batch (one timed call: it is the slow one).
-  run_naive, _, _ = ngd_runner('naive_jax', engine.NaiveLoss, _MODE.value)
+  run_naive, _, _ = ngd_runner('naive_jax', losses.NaiveLoss, _MODE.value)
   start = time.perf_counter()
   naive_trace = jax.block_until_ready(run_naive()).trace
   rows['naive_jax'] = (time.perf_counter() - start) / q

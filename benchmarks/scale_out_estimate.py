@@ -24,10 +24,10 @@ from __future__ import annotations
 import numpy as np
 from absl import app, flags
 
-from benchmarks.tasks import load_examples
-from c3po_jax import prompting
-from c3po_jax.scoring import TOKEN_BUCKETS, bucket
-from c3po_jax.tokenizer import load_tokenizer
+from c3po_jax.remix.scoring import TOKEN_BUCKETS, bucket
+from c3po_jax.tasks import encoding as prompting
+from c3po_jax.tasks import load_examples
+from c3po_jax.tasks.tokenizer import load_tokenizer
 from models.olmoe.config import OLMOE_1B_7B_0924 as CFG
 
 flags.DEFINE_integer('batch_size', 32, 'Test samples per batch (all data shards together).')

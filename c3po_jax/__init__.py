@@ -2,12 +2,12 @@
 
 config, params = c3po_jax.load_checkpoint(path)
 out = c3po_jax.forward(params, tokens, config=config, pathway={15: w})
-result = c3po_jax.run(c3po_jax.RunConfig(...))  # a whole C3PO run (see c3po_jax.api)
+result = c3po_jax.run(c3po_jax.RunConfig(...))  # a whole C3PO run (see c3po_jax.run.api)
 """
 
-from c3po_jax.api import RunResult, run
-from c3po_jax.checkpoint import load_checkpoint, save_checkpoint
-from c3po_jax.run_config import METHODS, RunConfig
+from c3po_jax.ckpts.checkpoint import load_checkpoint, save_checkpoint
+from c3po_jax.run.api import RunResult, run
+from c3po_jax.run.config import METHODS, RunConfig
 from models.olmoe.config import PRESETS, ConfigError, OlmoeConfig
 from models.olmoe.decode import generate, prefill
 from models.olmoe.transformer import ForwardOutput, forward, forward_hidden, init_params

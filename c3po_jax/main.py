@@ -11,8 +11,11 @@ import time
 
 from absl import app, flags, logging
 
-from c3po_jax import cli, errors, flag_checks, pipeline, suite_run
-from c3po_jax.run_config import METHODS, NGD_BACKENDS, RunConfig
+from c3po_jax.common import cli, errors
+from c3po_jax.run import checks as flag_checks
+from c3po_jax.run import pipeline
+from c3po_jax.run import suite as suite_run
+from c3po_jax.run.config import METHODS, NGD_BACKENDS, RunConfig
 
 DEMO_DIR = 'checkpoints/demo'
 

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from c3po_jax import methods
-from c3po_jax import pathway as pw
+from c3po_jax.remix import methods
+from c3po_jax.remix import pathway as pw
 
 _LR = flags.DEFINE_float('lr', 1e-2, 'Initial learning rate (cosine schedule).')
 _LR_END = flags.DEFINE_float('lr_end', 1e-5, 'Final learning rate.')

@@ -66,7 +66,7 @@ case "${1:-}" in
         snapshot_download('allenai/OLMoE-1B-7B-0924', local_dir='\$HOME/$HF_CACHE', \
         allow_patterns=['*.json', '*.safetensors', 'tokenizer*'])\""
     fi
-    on_all "cd \$HOME/$REPO && python3 -m c3po_jax.convert --hf_dir=\$HOME/$HF_CACHE \
+    on_all "cd \$HOME/$REPO && python3 -m c3po_jax.ckpts.convert --hf_dir=\$HOME/$HF_CACHE \
       --output_dir=$CKPT --dtype=bfloat16 --overwrite"
     ;;
   run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from c3po_jax.checkpoint import save_checkpoint
+from c3po_jax.ckpts.checkpoint import save_checkpoint
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from c3po_jax import param_mapping
+from models.olmoe import hf_mapping as param_mapping
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 

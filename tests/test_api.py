@@ -8,7 +8,8 @@ import pytest
 from engine_utils import make_checkpoint
 
 import c3po_jax
-from c3po_jax import results, run_output
+from c3po_jax.run import output as run_output
+from c3po_jax.run import results
 
 
 def test_run_returns_predictions_pathways_and_provenance(tmp_path):

@@ -15,9 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.tasks import Example, TaskDataError, load_examples
-from c3po_jax import cli, pipeline, references, results, run_output
-from c3po_jax.run_config import RunConfig
+from c3po_jax.common import cli
+from c3po_jax.neighbours import references
+from c3po_jax.run import output as run_output
+from c3po_jax.run import pipeline, results
+from c3po_jax.run.config import RunConfig
+from c3po_jax.tasks import Example, TaskDataError, load_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW = {'id': 'q1', 'question': 'What is 2 plus 2?', 'choices': ['3', '4'], 'answer': 1}

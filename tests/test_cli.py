@@ -8,8 +8,8 @@ import sys
 import pytest
 from engine_utils import make_checkpoint
 
-from c3po_jax import pipeline, results
-from c3po_jax.run_config import RunConfig
+from c3po_jax.run import pipeline, results
+from c3po_jax.run.config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +72,7 @@ def test_missing_checkpoint_says_how_to_convert(tmp_path):
   rc = RunConfig(
     checkpoint_dir=str(tmp_path / 'nope'), benchmark='arc_challenge', reference=('openbookqa',)
   )
-  with pytest.raises(pipeline.MissingCheckpointError, match='c3po_jax.convert'):
+  with pytest.raises(pipeline.MissingCheckpointError, match='c3po_jax.ckpts.convert'):
     pipeline.run(rc)
 
 
@@ -149,7 +149,7 @@ def test_no_flag_run_is_the_embedded_demo(tmp_path):
 
 
 def test_suite_settings_reject_unknown_fields():
-  from c3po_jax import suite_run
+  from c3po_jax.run import suite as suite_run
 
   manifest = {'prompt': {'format': 'rc'}, 'c3po_settings': {'settings': {'lr': 0.1}}}
   assert suite_run.suite_settings(manifest) == {'fmt': 'rc', 'lr': 0.1}

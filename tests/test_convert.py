@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from hf_utils import hf_tensor_shapes, make_hf_model, save_hf_model
 
-from c3po_jax import checkpoint, convert, hf_snapshot, param_mapping
+from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
+from models.olmoe import hf_mapping as param_mapping
 from models.olmoe import transformer
 from models.olmoe.config import OLMOE_1B_7B_0924
 
@@ -356,7 +357,13 @@ def test_conversion_peak_bytes_full_config():
 
 def test_cli(hf_dir, tmp_path):
   out = str(tmp_path / 'cli')
-  cmd = [sys.executable, '-m', 'c3po_jax.convert', f'--hf_dir={hf_dir}', f'--output_dir={out}']
+  cmd = [
+    sys.executable,
+    '-m',
+    'c3po_jax.ckpts.convert',
+    f'--hf_dir={hf_dir}',
+    f'--output_dir={out}',
+  ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   run = subprocess.run(cmd + ['--dtype=float32'], cwd=REPO, env=env, capture_output=True)
   assert run.returncode == 0, run.stderr.decode()[-2000:]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hf_utils import make_hf_model, save_hf_model
 
-from c3po_jax import checkpoint, convert, hf_snapshot
+from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
 
 CheckpointError = checkpoint.CheckpointError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +180,7 @@ def test_non_float_dtypes_are_refused(hf, tmp_path, dtype):
 
 
 def _convert_cli(*flags) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, '-m', 'c3po_jax.convert', *flags]
+  cmd = [sys.executable, '-m', 'c3po_jax.ckpts.convert', *flags]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

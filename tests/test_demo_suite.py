@@ -142,7 +142,7 @@ def test_files_parse_in_generic_format(written, small):
 
 
 def test_files_read_with_the_benchmark_loader(written):
-  jsonl = pytest.importorskip('benchmarks.tasks.jsonl')
+  jsonl = pytest.importorskip('c3po_jax.tasks.jsonl')
   out, manifest = written
   for bench in manifest['benchmarks'].values():
     for name in (bench['dev'], bench['test'], *bench['reference']):
@@ -223,8 +223,8 @@ def test_manifest_pairs_each_test_family_with_its_references(written, small):
 
 @pytest.mark.parametrize('fmt', prompts.FORMATS)
 def test_prompt_matches_benchmark_format(fmt):
-  bench_prompts = pytest.importorskip('benchmarks.tasks.prompts')
-  example = pytest.importorskip('benchmarks.tasks.example')
+  bench_prompts = pytest.importorskip('c3po_jax.tasks.prompts')
+  example = pytest.importorskip('c3po_jax.tasks.example')
   ex = example.Example(
     id='x', task='add_words', context='What is 1 plus 2?', choices=('3', '4'), gold=0
   )
@@ -369,9 +369,9 @@ def test_shipped_checkpoint_reproduces_its_dev_accuracy(shipped_dir):
 
 
 def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_path):
-  from c3po_jax import suite_run
   from c3po_jax.demo import tune
-  from c3po_jax.run_config import RunConfig
+  from c3po_jax.run import suite as suite_run
+  from c3po_jax.run.config import RunConfig
 
   out, _ = written
   calls = []

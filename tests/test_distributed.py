@@ -22,8 +22,9 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from c3po_jax import distributed, results
-from c3po_jax.checkpoint import save_checkpoint
+from c3po_jax.ckpts.checkpoint import save_checkpoint
+from c3po_jax.run import mesh as distributed
+from c3po_jax.run import results
 from models.olmoe import transformer
 from models.olmoe.config import OLMOE_1B_7B_0924, OlmoeConfig
 
@@ -332,8 +333,8 @@ def baseline(tiny):
 def test_sharded_parameters_are_split(tiny):
   """Orbax restores each leaf straight into its shard of an 8-device mesh."""
   code = (
-    'import json, sys; from c3po_jax import distributed, pipeline\n'
-    'from c3po_jax.run_config import RunConfig\n'
+    'import json, sys; from c3po_jax.run import mesh as distributed, pipeline\n'
+    'from c3po_jax.run.config import RunConfig\n'
     "rc = RunConfig(checkpoint_dir=sys.argv[1], benchmark='-', reference=('-',))\n"
     "mesh = distributed.make_mesh('data:2,expert:2,model:2')\n"
     'config, params, _ = pipeline.load_model(rc, mesh)\n'

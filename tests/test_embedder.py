@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from c3po_jax import embedding
+from c3po_jax.neighbours import embedding
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c3po_jax import engine, kernels, methods, neighbours, scoring
-from c3po_jax import pathway as pw_lib
+from c3po_jax.neighbours import kernels
+from c3po_jax.neighbours import search as neighbours
+from c3po_jax.remix import engine, methods, scoring
+from c3po_jax.remix import pathway as pw_lib
 from models.olmoe import transformer
 from models.olmoe.config import TINY
 

@@ -1,7 +1,7 @@
 """Parity with transformers through our converter and loader.
 
 Tiny random `OlmoeForCausalLM`s are saved with `save_pretrained` in small
-shards, converted by `c3po_jax.convert.convert` (the function behind the CLI),
+shards, converted by `c3po_jax.ckpts.convert.convert` (the function behind the CLI),
 loaded with `load_checkpoint`, and compared with transformers on logits and
 router probabilities at every real token of right- and left-padded rows.
 Run with `-s` to see the worst max |dlogit| per config.
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hf_utils import hf_reference, make_hf_model, padded_batch, save_hf_model
 
-from c3po_jax import checkpoint, convert, hf_snapshot
+from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
 from models.olmoe import transformer
 
 TOL = 1e-4  # float32 vs PyTorch float32

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from benchmarks.torch_c3po import c3po_moe
+from c3po_jax.testing.torch_c3po import c3po_moe
 from models.olmoe import routing, transformer
 from models.olmoe.config import TINY
 

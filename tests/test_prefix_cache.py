@@ -1,7 +1,7 @@
 """The prefix-cached neighbour loss equals the naive full-forward one.
 
 Loss and gradient w.r.t. the core distribution q are compared with
-`engine.NaiveLoss` on a tiny random 4-layer model, for both prompt formats,
+`losses.NaiveLoss` on a tiny random 4-layer model, for both prompt formats,
 both pathway modes, both loss kinds, contiguous and non-contiguous critical
 layers, and neighbours of different lengths (padded, one left-truncated).
 Then: padded or cut states, the per-reference LRU cache, and the batched
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c3po_jax import engine, methods, prefix_cache, scoring, state_cache
-from c3po_jax import pathway as pw_lib
+from c3po_jax.remix import engine, losses, methods, scoring, state_cache
+from c3po_jax.remix import pathway as pw_lib
 from models.olmoe import transformer
 from models.olmoe.config import TINY
 
@@ -92,7 +92,7 @@ def _value_and_grads(spec, mode, kinds, params, data, cs, q):
   out, states = {}, {}
   for kind in kinds:
     ec = engine.EngineConfig(spec=spec, loss=kind, opt_pathway_mode=mode)
-    for name, backend in engine.BACKENDS.items():
+    for name, backend in losses.BACKENDS.items():
       states[name] = backend.prepare(params, CONFIG, ec, data)
       loss_fn = backend.make_loss(params, CONFIG, ec)
       out[name, kind] = jax.value_and_grad(loss_fn)(q, cs, states[name], WEIGHTS)
@@ -121,8 +121,8 @@ def test_prefix_loss_and_grad_equal_naive(fmt, mode, layers, kinds):
   n, s, t = data.tokens.shape
   assert all(leaf.shape[0] == n for leaf in jax.tree.leaves(state))
   lc = L - min(layers)  # layers from the first critical one on
-  assert state.k.shape == (n, s, lc, t, CONFIG.num_key_value_heads, CONFIG.head_dim)
-  assert state.x.shape == (n, s, data.cont_pos.shape[-1], CONFIG.hidden_size)
+  assert state.window.k.shape == (n, s, lc, t, CONFIG.num_key_value_heads, CONFIG.head_dim)
+  assert state.window.x.shape == (n, s, data.cont_pos.shape[-1], CONFIG.hidden_size)
 
 
 @functools.cache
@@ -136,7 +136,7 @@ def _engine():
 def test_state_cache_pads_cuts_and_evicts():
   eng = _engine()
   prompts = _prompts('rc') + _prompts('rc', seed=5)[:1]  # 16- and 32-token buckets
-  cache = state_cache.StateCache(eng.prepare, prefix_cache.fit, capacity=3)
+  cache = state_cache.StateCache(eng.prepare, losses.fit, capacity=3)
   kw = dict(num_choices=3, max_len=MAX_LEN)
   order = [0, 1, 2, 0, 3, 0]  # two test samples' neighbours; reference 0 recurs
   got = cache.states(_params(), [('r', i) for i in order], [prompts[i] for i in order], **kw)
@@ -149,11 +149,11 @@ def test_state_cache_pads_cuts_and_evicts():
   want = jax.tree.map(lambda x: x[0, np.asarray(order)], direct)
   assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
   _, cs, q = _slice((1, 3))
-  loss_fn = jax.jit(prefix_cache.make_loss(_params(), CONFIG, eng.ec))
+  loss_fn = jax.jit(losses.PrefixLoss.make_loss(_params(), CONFIG, eng.ec))
   w = jnp.linspace(0.5, 1.0, len(order))
   np.testing.assert_allclose(loss_fn(q, cs, got, w), loss_fn(q, cs, want, w), atol=TOL, rtol=0)
   # Cutting slots that hold real tokens does change it (the check can fail).
-  cut = prefix_cache.fit(prefix_cache.fit(want, 16, 1), 32, 4)
+  cut = losses.fit(losses.fit(want, 16, 1), 32, 4)
   assert abs(float(loss_fn(q, cs, cut, w) - loss_fn(q, cs, want, w))) > 1e-3
 
 
@@ -171,7 +171,7 @@ def _engine_problem(seed, q=3):
 
 def test_batched_ngd_equals_per_sample_and_compiles_once():
   eng = _engine()
-  assert eng.loss_backend is prefix_cache.PrefixLoss  # the default
+  assert eng.loss_backend is losses.PrefixLoss  # the default
   nb, cs, w = _engine_problem(seed=0)
   batched = eng.ngd(_params(), cs, eng.prepare(_params(), nb), w)
   sizes = eng.ngd._cache_size(), eng.prepare._cache_size()
@@ -196,7 +196,7 @@ def test_kernel_regression_chooses_alpha_on_the_evaluation_mode_loss():
   kr = eng.kernel_regression(_params(), cs, data, w, w_nb).trace
   # The alpha grid's last point (alpha = 1) is the base pathway, scored in
   # top-k mode as the result will be evaluated: the naive top-k forward.
-  naive = engine.NaiveLoss.make_loss(_params(), CONFIG, eng.ec, 'topk')
+  naive = losses.NaiveLoss.make_loss(_params(), CONFIG, eng.ec, 'topk')
   w0 = jax.vmap(pw_lib.base_weights)(cs)
   want = jax.vmap(lambda c, d, wt, x: naive(x, c, d, wt))(cs, nb, w, w0)
   np.testing.assert_allclose(kr.losses[:, -1], want, atol=TOL, rtol=0)
@@ -214,7 +214,7 @@ def test_anchored_scores_equal_naive(mode):
   an = scoring.analyze(_params(), data, config=CONFIG)
   anchors = an.seq_router_probs[:, :, jnp.asarray(spec.layers)]  # [N, S, C, E]
   got = {}
-  for name, backend in engine.BACKENDS.items():
+  for name, backend in losses.BACKENDS.items():
     state = backend.prepare(_params(), CONFIG, ec, data)
     got[name] = backend.make_scores(_params(), CONFIG, ec, mode)(w, cs, state, anchors)
   np.testing.assert_allclose(got['prefix'], got['naive'], atol=TOL, rtol=0)

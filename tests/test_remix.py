@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from c3po_jax import engine, methods, scoring
-from c3po_jax import pathway as pw_lib
+from c3po_jax.remix import engine, methods, scoring
+from c3po_jax.remix import pathway as pw_lib
 from models.olmoe import moe as moe_lib
 from models.olmoe import transformer
 from models.olmoe.config import TINY
@@ -256,7 +256,8 @@ def test_optax_schedule_sum_matches_the_docstring():
 
 
 def test_reference_bandwidth_is_the_median_neighbourhood_spread():
-  from c3po_jax import kernels, neighbours
+  from c3po_jax.neighbours import kernels
+  from c3po_jax.neighbours import search as neighbours
 
   rng = np.random.default_rng(7)
   centres = rng.normal(size=(6, 16))
@@ -283,7 +284,7 @@ def test_reference_bandwidth_is_the_median_neighbourhood_spread():
 
 
 def test_epsilon_ball_is_not_capped_at_k():
-  from c3po_jax import neighbours
+  from c3po_jax.neighbours import search as neighbours
 
   refs = neighbours.unit(np.array([[1, 0.1 * i] for i in range(10)], np.float32))
   query = np.array([[1.0, 0.05]], np.float32)
@@ -324,7 +325,7 @@ def test_token_position_moves_the_pathway_site(position):
 
 
 def test_diagnostics_summary_from_rows():
-  from c3po_jax import diagnostics
+  from c3po_jax.remix import diagnostics
 
   pathway = {'layers': [0], 'core': [[0]], 'before': [[1.0]], 'after': [[1.0]]}
   rows = [

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from engine_utils import make_checkpoint
 
-from c3po_jax import pipeline, results
-from c3po_jax.run_config import RunConfig
+from c3po_jax.run import pipeline, results
+from c3po_jax.run.config import RunConfig
 
 
 @pytest.fixture(scope='module')

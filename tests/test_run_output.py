@@ -12,8 +12,9 @@ from engine_utils import make_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN = {
   name
-  for folder in ('c3po_jax', 'models/olmoe', 'benchmarks', 'benchmarks/tasks')
-  for name in os.listdir(os.path.join(ROOT, folder))
+  for folder in ('c3po_jax', 'models', 'benchmarks')
+  for _, _, names in os.walk(os.path.join(ROOT, folder))
+  for name in names
   if name.endswith('.py')
 }
 

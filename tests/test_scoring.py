@@ -7,9 +7,10 @@ import pytest
 from engine_utils import TINY_TOKENIZER_CONFIG as CFG
 from engine_utils import tiny_params
 
-from benchmarks.tasks import load_examples
-from c3po_jax import prompting, scoring
-from c3po_jax.tokenizer import load_tokenizer
+from c3po_jax.remix import scoring
+from c3po_jax.tasks import encoding as prompting
+from c3po_jax.tasks import load_examples
+from c3po_jax.tasks.tokenizer import load_tokenizer
 from models.olmoe import transformer
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.tasks import (
+from c3po_jax.tasks import (
   BENCHMARKS,
   Example,
   TaskDataError,

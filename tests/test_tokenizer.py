@@ -9,8 +9,8 @@ import shutil
 import pytest
 import tokenizers
 
-from benchmarks.tasks import format_example, load_examples
-from c3po_jax.tokenizer import TokenizerNotFoundError, encode_prompt, load_tokenizer
+from c3po_jax.tasks import format_example, load_examples
+from c3po_jax.tasks.tokenizer import TokenizerNotFoundError, encode_prompt, load_tokenizer
 
 OLMOE_FILE = os.path.join(
   list(importlib.util.find_spec('olmo_eval').submodule_search_locations)[0],

@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags, logging
 
-from c3po_jax import checkpoint
+from c3po_jax.ckpts import checkpoint
 from c3po_jax.demo import scoring, suite
 from c3po_jax.demo import tokenizer as tokenizer_lib
 

@@ -30,17 +30,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks.tasks import load_examples
-from c3po_jax import neighbours, pipeline, scoring, suite_run
-from c3po_jax import pathway as pw_lib
-from c3po_jax.run_config import RunConfig
+from c3po_jax.common import files
+from c3po_jax.neighbours import search as neighbours
+from c3po_jax.remix import pathway as pw_lib
+from c3po_jax.remix import scoring
+from c3po_jax.run import pipeline
+from c3po_jax.run import suite as suite_run
+from c3po_jax.run.config import RunConfig
+from c3po_jax.tasks import load_examples
 
 
 @functools.partial(jax.jit, static_argnames='config')
@@ -286,9 +289,7 @@ def main(argv):
   result = diagnose(rc, F.suite, F.split, F.seed)
   print(format_table(result))
   os.makedirs(os.path.dirname(F.output) or '.', exist_ok=True)
-  with open(F.output, 'w') as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-    f.write('\n')
+  files.write_json(F.output, result)
   logging.info('wrote %s', F.output)
 
 

@@ -1,6 +1,6 @@
-"""The prompts of the demo suite: the generic-task prompts of benchmarks.tasks.
+"""The prompts of the demo suite: the generic-task prompts of c3po_jax.tasks.
 
-The strings are those of benchmarks.tasks.prompts for a task with the default
+The strings are those of c3po_jax.tasks.prompts for a task with the default
 style (OLMES's), so the demo model is trained on exactly what the engine shows
 it. 'rc' (the suite's default):
 

@@ -50,6 +50,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from c3po_jax.common import files
 from c3po_jax.demo import families as families_lib
 from c3po_jax.demo import prompts, remix
 
@@ -299,10 +300,7 @@ def write_suite(suite: Suite, output_dir: str, *, include_train: bool = True) ->
 def write_manifest(suite_dir: str, out: dict) -> None:
   """Writes suite.json (through a temporary file, so a reader never sees half of it)."""
   path = os.path.join(suite_dir, MANIFEST)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(path + '.tmp', path)
+  files.write_json(path, out)
 
 
 def read_manifest(suite_dir: str) -> dict:

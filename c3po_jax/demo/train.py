@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from c3po_jax import checkpoint
+from c3po_jax.ckpts import checkpoint
 from c3po_jax.demo import data, scoring, suite
 from c3po_jax.demo import tokenizer as tokenizer_lib
 from models.olmoe import transformer

@@ -21,9 +21,9 @@ import os
 
 from absl import app, flags, logging
 
-from c3po_jax import suite_run
 from c3po_jax.demo import suite
-from c3po_jax.run_config import RunConfig
+from c3po_jax.run import suite as suite_run
+from c3po_jax.run.config import RunConfig
 
 
 def _tag(point: dict) -> str:

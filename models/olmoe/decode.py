@@ -45,40 +45,6 @@ class Cache:
     return self.key_valid.shape[1]
 
 
-def _decoder_stack(
-  params: transformer.Params,
-  x: jax.Array,
-  config: OlmoeConfig,
-  *,
-  positions: jax.Array,
-  query_slots: jax.Array,
-  key_valid: jax.Array,
-  last_index: jax.Array,
-  caches: Sequence[transformer.LayerCache],
-  pathway: transformer.Pathway,
-  pathway_mode: str,
-):
-  """All decoder layers over a cache; x [B, T, D] -> (x, caches, logits, probs)."""
-  new_caches, all_logits, all_probs = [], [], []
-  for i in range(config.num_hidden_layers):
-    x, logits, probs, cache = transformer.decoder_layer(
-      params[transformer.layer_name(i)],
-      x,
-      config,
-      positions=positions,
-      query_slots=query_slots,
-      key_valid=key_valid,
-      last_index=last_index,
-      cache=caches[i],
-      pathway=pathway.get(i),
-      pathway_mode=pathway_mode,
-    )
-    new_caches.append(cache)
-    all_logits.append(logits)
-    all_probs.append(probs)
-  return x, tuple(new_caches), jnp.stack(all_logits), jnp.stack(all_probs)
-
-
 def prefill(
   params: transformer.Params,
   tokens: jax.Array,
@@ -116,10 +82,11 @@ def prefill(
   x = params['embed'][tokens]  # [B, T, D]
   # A T-slot cache, padded to S afterwards: prompt attention runs over T keys only.
   empty = jnp.zeros((b, t, config.num_key_value_heads, config.head_dim), x.dtype)
-  x, caches, router_logits, router_probs = _decoder_stack(
+  x, caches, router_logits, router_probs = transformer.decoder_stack(
     params,
     x,
     config,
+    layer_ids=range(config.num_hidden_layers),
     positions=transformer.positions_from_mask(attention_mask),
     query_slots=jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)),
     key_valid=key_valid,
@@ -164,10 +131,11 @@ def decode_step(
   b = token.shape[0]
   slot = cache.next_slot  # [B]
   key_valid = cache.key_valid | (jnp.arange(cache.size)[None, :] == slot[:, None])
-  x, caches, _, _ = _decoder_stack(
+  x, caches, _, _ = transformer.decoder_stack(
     params,
     params['embed'][token][:, None, :],  # [B, 1, D]
     config,
+    layer_ids=range(config.num_hidden_layers),
     positions=cache.num_tokens[:, None],
     query_slots=slot[:, None],
     key_valid=key_valid,

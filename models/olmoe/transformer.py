@@ -20,7 +20,7 @@ E experts, K top-k, F expert hidden, H heads, KV key/value heads, Dh head dim.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -217,6 +217,65 @@ def decoder_layer(
   return x + out, logits, probs, cache
 
 
+def decoder_stack(
+  params: Params,
+  x: jax.Array,
+  config: OlmoeConfig,
+  *,
+  layer_ids: Sequence[int],
+  positions: jax.Array,
+  query_slots: jax.Array,
+  key_valid: jax.Array,
+  last_index: jax.Array,
+  caches: Sequence[LayerCache] | None = None,
+  pathway: Pathway | None = None,
+  pathway_mode: str = 'topk',
+  layer: Callable = None,
+):
+  """The decoder-layer loop: the one that `forward`, `decode` and `prefix` all run.
+
+  Args:
+    params: model parameters.
+    x: [B, T, D] residual stream entering the first layer of `layer_ids`.
+    layer_ids: the layers to run, in order (a range of layer indices).
+    positions, query_slots, key_valid, last_index: as in `decoder_layer`.
+    caches: one LayerCache per entry of layer_ids, or None (no cache).
+    pathway: {layer: [B, E]}; layers not in it keep native routing.
+    pathway_mode: 'topk' or 'dense'.
+    layer: the layer function, `decoder_layer` by default; `prefix` passes its
+      window layer (same signature and outputs; it returns no routing).
+
+  Returns:
+    (x [B, T, D], new caches (a tuple, or None without caches), router logits
+    [len(layer_ids), B, T, E] and probs, or None where `layer` returns none).
+  """
+  layer = layer or decoder_layer
+  pathway = pathway or {}
+  new_caches, all_logits, all_probs = [], [], []
+  for j, i in enumerate(layer_ids):
+    x, logits, probs, cache = layer(
+      params[layer_name(i)],
+      x,
+      config,
+      positions=positions,
+      query_slots=query_slots,
+      key_valid=key_valid,
+      last_index=last_index,
+      cache=None if caches is None else caches[j],
+      pathway=pathway.get(i),
+      pathway_mode=pathway_mode,
+    )
+    new_caches.append(cache)
+    all_logits.append(logits)
+    all_probs.append(probs)
+
+  def stacked(xs):
+    return jnp.stack(xs) if xs and xs[0] is not None else None
+
+  caches_out = None if caches is None else tuple(new_caches)
+  return x, caches_out, stacked(all_logits), stacked(all_probs)
+
+
 def _check_pathway(pathway: Pathway | None, config: OlmoeConfig, mode: str):
   if mode not in PATHWAY_MODES:
     raise ValueError(f'pathway_mode={mode!r}, expected one of {PATHWAY_MODES}')
@@ -252,27 +311,24 @@ def forward_hidden(
   pathway = {int(k): v for k, v in (pathway or {}).items()}
 
   x = params['embed'][tokens]  # [B, T, D]
-  all_logits, all_probs = [], []
-  for i in range(config.num_hidden_layers):
-    x, logits, probs, _ = decoder_layer(
-      params[layer_name(i)],
-      x,
-      config,
-      positions=positions,
-      query_slots=query_slots,
-      key_valid=key_valid,
-      last_index=override_index,
-      pathway=pathway.get(i),
-      pathway_mode=pathway_mode,
-    )
-    all_logits.append(logits)
-    all_probs.append(probs)
+  x, _, all_logits, all_probs = decoder_stack(
+    params,
+    x,
+    config,
+    layer_ids=range(config.num_hidden_layers),
+    positions=positions,
+    query_slots=query_slots,
+    key_valid=key_valid,
+    last_index=override_index,
+    pathway=pathway,
+    pathway_mode=pathway_mode,
+  )
   hidden = layers.rms_norm(x, params['final_norm'], config.rms_norm_eps)
   last_hidden = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
   return HiddenOutput(
     hidden=hidden,
-    router_logits=jnp.stack(all_logits),
-    router_probs=jnp.stack(all_probs),
+    router_logits=all_logits,
+    router_probs=all_probs,
     last_index=last_index,
     last_hidden=last_hidden,
   )

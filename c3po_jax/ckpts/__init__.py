@@ -1,0 +1,1 @@
+"""Checkpoints: HF safetensors snapshots, the Orbax checkpoint format, the converter."""

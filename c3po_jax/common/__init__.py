@@ -1,0 +1,1 @@
+"""What every wing shares: error types, the command-line plumbing, atomic file writes."""

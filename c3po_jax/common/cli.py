@@ -1,0 +1,127 @@
+"""Command-line plumbing shared by `c3po_jax.main` and `c3po_jax.ckpts.convert`.
+
+Every failure ends the program with ONE line on stderr, `error: <message>`:
+exit code 2 for usage errors (a bad flag or flag value, an unknown benchmark,
+a missing data file, results already present), 1 for anything else. The
+traceback is printed only with `--verbosity=1`, which also shows the INFO
+logs of third-party libraries (Orbax, matplotlib's font cache, ...) that are
+hidden otherwise.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from absl import app, flags, logging
+
+from c3po_jax.common.errors import UsageError
+
+USAGE_EXIT = 2
+ERROR_EXIT = 1
+# Files under these folders log at INFO; everyone else only from WARNING.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_OWN = tuple(os.path.join(_ROOT, d) + os.sep for d in ('c3po_jax', 'models', 'benchmarks'))
+
+
+def one_line(error: BaseException) -> str:
+  """The error as one line: its message, newlines folded, its type when unclear."""
+  message = '; '.join(s.strip() for s in str(error).splitlines() if s.strip())
+  clear = (ValueError, OSError, RuntimeError, flags.Error, app.UsageError)
+  if not message or not isinstance(error, clear):
+    message = f'{type(error).__name__}: {message}' if message else type(error).__name__
+  return message
+
+
+def _exit(message: str, code: int) -> None:
+  sys.stderr.write(f'error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flags_parser: a bad flag is one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit(f'{one_line(e)} (see --help)', USAGE_EXIT)
+    raise  # _exit does not return
+
+
+class _QuietThirdParty(py_logging.Filter):
+  """Drops INFO and DEBUG records logged from outside this project."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or record.pathname.startswith(_OWN)
+
+
+def quiet_third_party_logs() -> None:
+  """Hides third-party INFO logs unless --verbosity >= 1."""
+  if logging.get_verbosity() >= 1:
+    return
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietThirdParty) for f in handler.filters):
+    handler.addFilter(_QuietThirdParty())
+  for name in ('matplotlib', 'jax._src', 'orbax'):  # Python-logging libraries
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
+def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+  """main, with every exception turned into one `error:` line and an exit code."""
+
+  def wrapped(argv):
+    quiet_third_party_logs()
+    try:
+      return main(argv)
+    except SystemExit:
+      raise
+    except BaseException as e:  # noqa: BLE001 - the one place errors become exit codes
+      usage = isinstance(e, (UsageError, app.UsageError, flags.Error))
+      usage = usage or getattr(e, 'exit_code', None) == USAGE_EXIT
+      if logging.get_verbosity() >= 1:
+        traceback.print_exc()
+      if isinstance(e, KeyboardInterrupt):
+        _exit('interrupted', 130)
+      _exit(one_line(e), USAGE_EXIT if usage else ERROR_EXIT)
+
+  return wrapped
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+  """app.run(main) with one-line errors (see the module docstring)."""
+  app.run(guarded(main), flags_parser=parse_flags)
+
+
+def duration(seconds: float) -> str:
+  """'1 h 02 min', '3 min 05 s' or '12.3 s'."""
+  if seconds < 60:
+    return f'{seconds:.1f} s'
+  minutes, s = divmod(round(seconds), 60)
+  if minutes < 60:
+    return f'{minutes} min {s:02d} s'
+  return f'{minutes // 60} h {minutes % 60:02d} min'
+
+
+def main_help() -> str:
+  """The text `python -m c3po_jax.main --help` prints above the flags."""
+  from c3po_jax.run.config import METHODS
+  from c3po_jax.tasks import registry
+
+  names = [n for n in registry.BENCHMARKS if n != 'mmlu'] + ['mmlu', 'mmlu_<subject>']
+  return f"""C3PO test-time expert re-mixing for a Mixture-of-Experts LLM (OLMoE).
+
+  python -m c3po_jax.main                     the embedded demo (model and task suite)
+  python -m c3po_jax.main --checkpoint_dir=DIR --benchmark=B --reference=R1,R2 [flags]
+  python -m c3po_jax.main --suite=DIR         every benchmark of a suite directory
+  python -m c3po_jax.main --flagfile=olmoe.flags
+
+Methods (--methods, default all): {', '.join(METHODS)}.
+Benchmarks (--benchmark, --reference): {', '.join(names)};
+  or a generic multiple-choice JSONL file (.jsonl, .jsonl.gz).
+Results go to --output_dir (results.jsonl, summary.json, plots); an interrupted
+run continues with --resume, --overwrite replaces it. Errors print one line
+(exit code 2 for usage errors); --verbosity=1 adds tracebacks and library logs.
+"""

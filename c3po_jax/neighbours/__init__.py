@@ -1,0 +1,1 @@
+"""Neighbourhoods: sample embeddings, neighbour search, kernels, reference sets."""

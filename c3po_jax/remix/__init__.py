@@ -1,0 +1,1 @@
+"""Re-mixing: pathways, the surrogate methods, scoring, neighbour losses, the engine."""

@@ -1,0 +1,177 @@
+"""Jitted, batched C3PO computations over a model: analysis and the methods.
+
+`Engine` closes over the static settings (model config, pathway slice, method
+hyper-parameters, loss backend) and jits one function per method; params and
+data are arguments, so nothing large becomes a compile-time constant. Each
+method runs `jax.vmap` over a batch of test samples (every sample with its own
+neighbours, kernel weights and core experts) under a single `jit`.
+
+Dimensions: Q test samples in a batch, N neighbours, R references, C critical
+layers, Kc core experts, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from c3po_jax.remix import losses, methods, scoring
+from c3po_jax.remix import pathway as pw_lib
+from models.olmoe.config import OlmoeConfig
+
+LOSS_KINDS = ('choice_ce', 'gold_nll')
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  spec: pw_lib.PathwaySpec
+  method: methods.MethodConfig = methods.MethodConfig()
+  loss: str = 'choice_ce'
+  opt_pathway_mode: str = 'dense'  # how the pathway enters while optimizing
+  eval_pathway_mode: str = 'topk'  # how the final pathway is evaluated
+
+
+def _core_slices(base_probs, spec):
+  return jax.vmap(lambda p: pw_lib.core_slice(p, spec))(base_probs)
+
+
+@flax.struct.dataclass
+class Outcome:
+  """A batch of samples after a method: the trace and what it changed."""
+
+  trace: methods.Trace  # leaves with Q first
+  alpha: jax.Array  # [Q] kernel regression's alpha (1 elsewhere)
+  topk_new: jax.Array  # [Q] fraction of the final top-k experts not in the base top-k
+  mean_abs_delta: jax.Array  # [Q] mean |w - w_base| over the core weights
+
+
+class Engine:
+  """Batched C3PO on one model. All public methods take params first."""
+
+  def __init__(self, config: OlmoeConfig, ec: EngineConfig, loss_backend=losses.PrefixLoss):
+    if ec.loss not in LOSS_KINDS:
+      raise ValueError(f'loss={ec.loss!r}, expected one of {LOSS_KINDS}')
+    self.config = config
+    self.ec = ec
+    self.loss_backend = loss_backend
+    self.analyze = jax.jit(functools.partial(scoring.analyze, config=config))
+    self.analyze_remixed = jax.jit(self._analyze_remixed)
+    self.prepare = jax.jit(self._prepare)
+    self.prepare_tests = jax.jit(self._prepare_tests)
+    self.ngd = jax.jit(self._ngd)
+    self.oracle = jax.jit(self._oracle)
+    self.kernel_regression = jax.jit(self._kernel_regression)
+    self.mode_finding = jax.jit(self._mode_finding)
+    self.path_scores = jax.jit(self._path_scores)
+
+  def core_slices(self, base_probs):
+    """[Q, L, E] base routing -> batched CoreSlice."""
+    return _core_slices(base_probs, self.ec.spec)
+
+  def neighbour_weights(self, cs, ref_probs):
+    """Neighbours' routing [Q, N, L, E] on each sample's core -> [Q, N, C, Kc]."""
+    layers = self.ec.spec.layers
+    per = lambda core, probs: jax.vmap(lambda p: pw_lib.core_weights(p, core, layers))(probs)
+    return jax.vmap(per)(cs.core, ref_probs)
+
+  def _anchors(self, seq_probs):
+    """Per-sequence base routing [Q, S, L, E] -> critical-layer rows [Q, S, C, E]."""
+    return seq_probs[:, :, jnp.asarray(self.ec.spec.layers)]
+
+  def _analyze_remixed(self, params, batch, cs, w, seq_probs):
+    """Scores the test batch with core weights w [Q, C, Kc].
+
+    seq_probs [Q, S, L, E]: each sequence's base routing at its last context
+    token; each sequence keeps its own rows plus the change on the core.
+    """
+    anchors = self._anchors(seq_probs)
+    mode = self.ec.eval_pathway_mode
+    rows = jax.vmap(lambda wi, ci, ai: pw_lib.pathway_rows(wi, ci, mode, ai))(w, cs, anchors)
+    pathway = {layer: rows[:, :, i] for i, layer in enumerate(self.ec.spec.layers)}
+    return scoring.analyze(params, batch, config=self.config, pathway=pathway, pathway_mode=mode)
+
+  def _prepare(self, params, data):
+    """Per-sample neighbour batches [Q, N, ...] -> the loss backend's state.
+
+    Neighbours are prepared independently, so all Q * N go through as one
+    batch: one large forward pass rather than Q small ones under vmap.
+    """
+    q, n = data.tokens.shape[:2]
+    flat = jax.tree.map(lambda x: x.reshape((q * n,) + x.shape[2:]), data)
+    out = self.loss_backend.prepare(params, self.config, self.ec, flat)
+    return jax.tree.map(lambda x: x.reshape((q, n) + x.shape[1:]), out)
+
+  def _prepare_tests(self, params, batch):
+    """The test batch [Q, ...] as prefix states [Q, 1, ...] (for `path_scores`)."""
+    out = losses.PrefixLoss.prepare(params, self.config, self.ec, batch)
+    return jax.tree.map(lambda x: x[:, None], out)
+
+  def _outcome(self, cs, trace, alpha=None):
+    k = self.config.num_experts_per_tok
+    w0 = jax.vmap(pw_lib.base_weights)(cs)
+    topk_new = jax.vmap(lambda w, c: jnp.mean(pw_lib.topk_change(w, c, k)))(trace.w, cs)
+    delta = jnp.mean(jnp.abs(trace.w - w0), axis=(-2, -1))
+    if alpha is None:
+      alpha = jnp.ones(delta.shape, jnp.float32)
+    return Outcome(trace=trace, alpha=alpha, topk_new=topk_new, mean_abs_delta=delta)
+
+  def _ngd(self, params, cs, data, weights):
+    """data: `prepare`d neighbour state, [Q, N, ...]; weights [Q, N]."""
+    loss_fn = self.loss_backend.make_loss(params, self.config, self.ec)
+    w0 = jax.vmap(pw_lib.base_weights)(cs)
+    fn = lambda c, d, wt, w: methods.ngd(loss_fn, c, d, wt, w, self.ec.method)
+    return self._outcome(cs, jax.vmap(fn)(cs, data, weights, w0))
+
+  def _oracle(self, params, cs, data, seq_probs):
+    """NGD on the test sample's own label; data: the test batch `prepare`d as [Q, 1, ...].
+
+    The sample is scored as it will be evaluated: each of its sequences with
+    its own base rows plus the change.
+    """
+    loss_fn = self.loss_backend.make_loss(params, self.config, self.ec)
+    w0 = jax.vmap(pw_lib.base_weights)(cs)
+    anchors = self._anchors(seq_probs)[:, None]  # [Q, 1, S, C, E]
+    ones = jnp.ones((w0.shape[0], 1), jnp.float32)
+    fn = lambda c, d, wt, w, a: methods.ngd(loss_fn, c, d, wt, w, self.ec.method, a)
+    return self._outcome(cs, jax.vmap(fn)(cs, data, ones, w0, anchors))
+
+  def _kernel_regression(self, params, cs, data, weights, w_neighbours):
+    # alpha is chosen on the loss of the mode the result is evaluated in.
+    mode = self.ec.eval_pathway_mode
+    loss_fn = self.loss_backend.make_loss(params, self.config, self.ec, mode)
+    w0 = jax.vmap(pw_lib.base_weights)(cs)
+    fn = lambda c, d, wt, w, wn: methods.kernel_regression(loss_fn, c, d, wt, w, wn, self.ec.method)
+    trace, alpha = jax.vmap(fn)(cs, data, weights, w0, w_neighbours)
+    return self._outcome(cs, trace, alpha)
+
+  def _mode_finding(self, cs, ref_probs, ref_valid):
+    """ref_probs [R, L, E] of the whole reference set; ref_valid [R]."""
+    w0 = jax.vmap(pw_lib.base_weights)(cs)
+    layers = self.ec.spec.layers
+
+    def one(c, w):
+      w_refs = jax.vmap(lambda p: pw_lib.core_weights(p, c.core, layers))(ref_probs)
+      return methods.mode_finding(c, w, w_refs, ref_valid, self.ec.method)
+
+    return self._outcome(cs, jax.vmap(one)(cs, w0))
+
+  def _path_scores(self, params, cs, tests, seq_probs, path):
+    """Choice scores [Q, P, C] of the test samples at every point of a path [Q, P, C, Kc].
+
+    Evaluated as the final pathway is (eval mode, per-sequence rows), from
+    the test samples' prefix states (`prepare_tests`): only the last-token
+    window runs through the critical layers, so the accuracy after each NGD
+    step (the paper's Fig. 6) costs little.
+    """
+    mode = self.ec.eval_pathway_mode
+    scores_fn = losses.PrefixLoss.make_scores(params, self.config, self.ec, mode)
+    anchors = self._anchors(seq_probs)[:, None]  # [Q, 1, S, C, E]
+
+    def one(c, st, a, ws):
+      return jax.vmap(lambda w: scores_fn(w, c, st, a)[0])(ws)  # [P, C]
+
+    return jax.vmap(one)(cs, tests, anchors, path)

@@ -1,0 +1,1 @@
+"""Runs: the run config, the pipeline, suites, device meshes, results files, plots."""

@@ -1,0 +1,71 @@
+"""Range checks of a RunConfig's values, run when it is built (before any model),
+and the check that a suite's files exist (run by main before the first benchmark).
+
+Each failure is a ValueError naming the flag, e.g. `--lr=0.0: must be > 0`,
+so a bad value fails in milliseconds, not after minutes of model loading.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from c3po_jax.ckpts import checkpoint
+
+
+def _fail(flag: str, value, why: str):
+  raise ValueError(f'--{flag}={value}: {why}')
+
+
+def check_ranges(rc) -> None:
+  """Raises ValueError on the first value of rc out of its range."""
+  for flag, value in (('lr', rc.lr), ('lr_end', rc.lr_end), ('max_similarity', rc.max_similarity)):
+    if not math.isfinite(value):
+      _fail(flag, value, 'must be a finite number')
+  if rc.lr <= 0:
+    _fail('lr', rc.lr, 'must be > 0 (the cosine schedule decays from it)')
+  if not 0 <= rc.lr_end <= rc.lr:
+    _fail('lr_end', rc.lr_end, f'must be in [0, --lr={rc.lr}]')
+  for flag, value, least in (
+    ('ngd_steps', rc.ngd_steps, 0),
+    ('mode_iters', rc.mode_iters, 0),
+    ('core_experts', rc.core_experts, 0),
+    ('num_plots', rc.num_plots, 0),
+    ('max_len', rc.max_len, 2),
+    ('max_test_samples', rc.max_test_samples, 1),
+    ('max_reference_samples', rc.max_reference_samples, 1),
+  ):
+    if value is not None and value < least:
+      _fail(flag, value, f'must be >= {least}')
+  if not 0 <= rc.mode_alpha <= 1:
+    _fail('mode_alpha', rc.mode_alpha, 'must be in [0, 1]')
+  if not -1 < rc.max_similarity <= 1:
+    _fail('max_similarity', rc.max_similarity, 'a cosine similarity: must be in (-1, 1]')
+  if rc.epsilon is not None and not 0 < rc.epsilon <= 2:
+    _fail('epsilon', rc.epsilon, 'a cosine distance: must be in (0, 2]')
+  if rc.kr_alpha is not None and not 0 <= rc.kr_alpha <= 1:
+    _fail('kr_alpha', rc.kr_alpha, 'must be in [0, 1]')
+  if rc.sigma not in ('median', 'reference'):
+    try:
+      ok = float(rc.sigma) > 0
+    except ValueError:
+      ok = False
+    if not ok:
+      _fail('sigma', rc.sigma, "must be 'reference', 'median' or a positive number")
+  if rc.dtype is not None:
+    try:
+      checkpoint.param_dtype(rc.dtype)
+    except ValueError as e:
+      _fail('dtype', rc.dtype, str(e))
+  if getattr(rc, 'resume', False) and getattr(rc, 'overwrite', False):
+    raise ValueError('--resume and --overwrite exclude each other: continue the run, or replace it')
+
+
+def check_suite(suite_dir: str, manifest: dict, split: str) -> None:
+  """Raises ValueError unless every benchmark of the suite has its split and files."""
+  for name, entry in manifest['benchmarks'].items():
+    if split not in entry:
+      raise ValueError(f'--suite_split={split}: suite benchmark {name!r} has no {split!r} split')
+    for rel in [entry[split], *entry.get('reference', ())]:
+      if not os.path.isfile(os.path.join(suite_dir, rel)):
+        raise FileNotFoundError(f'suite {suite_dir}: benchmark {name!r} names a missing file {rel}')

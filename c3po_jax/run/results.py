@@ -1,0 +1,229 @@
+"""Per-sample results (JSONL, resumable), the summary and the printed table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+from c3po_jax.common import files
+
+RESULTS_FILE = 'results.jsonl'
+SUMMARY_FILE = 'summary.json'
+METHOD_ORDER = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
+
+
+class ResultsExistError(FileExistsError):
+  """Results already at the output: a usage error (pass --resume or --overwrite)."""
+
+  exit_code = 2
+
+
+class ResultsFileError(ValueError):
+  """A results file that cannot be read back; names the file and line."""
+
+
+class ResultsWriter:
+  """Appends one JSON line per (method, sample) as each finishes.
+
+  With resume, a torn last line (a crash mid-write) is cut off and the pairs
+  already written are reported as done; without resume an existing non-empty
+  file is an error (nothing is overwritten).
+  """
+
+  def __init__(self, output_dir: str, resume: bool, filename: str = RESULTS_FILE):
+    os.makedirs(output_dir, exist_ok=True)
+    self.path = os.path.join(output_dir, filename)
+    self.done: set[tuple[str, str]] = set()
+    if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+      if not resume:
+        raise ResultsExistError(
+          f'{self.path} already has results: pass --resume to continue that run, '
+          '--overwrite to replace it, or choose another --output_dir'
+        )
+      self._repair()
+      for row in read_rows(self.path):
+        self.done.add((row['method'], row['id']))
+    self._file = open(self.path, 'a', encoding='utf-8')
+
+  def _repair(self):
+    with open(self.path, 'rb+') as f:
+      data = f.read()
+      end = data.rfind(b'\n') + 1
+      if end != len(data):
+        f.truncate(end)
+
+  def write(self, row: dict) -> None:
+    key = (row['method'], row['id'])
+    if key in self.done:
+      return
+    self._file.write(json.dumps(row, sort_keys=True) + '\n')
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self.done.add(key)
+
+  def close(self):
+    self._file.close()
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a results file; a bad line raises ResultsFileError naming it."""
+  rows = []
+  with open(path, 'rb') as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode('utf-8')
+        row = json.loads(line) if line.strip() else None
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ResultsFileError(
+          f'{path}, line {number}: not a result row ({e}); delete that line (the rows '
+          'of other lines are kept) and pass --resume, or --overwrite to start over'
+        ) from None
+      if row is None:
+        continue
+      if not isinstance(row, dict) or not {'method', 'id'} <= set(row):
+        raise ResultsFileError(
+          f'{path}, line {number}: not a result row (no method and id); delete that '
+          'line and pass --resume, or --overwrite to start over'
+        )
+      rows.append(row)
+  return rows
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """The Wilson score interval of k successes in n trials (95% for z=1.96).
+
+  Unlike the normal approximation it stays inside [0, 1] and is sensible at 0
+  and n successes, which small benchmarks hit.
+  """
+  if n == 0:
+    return (0.0, 1.0)
+  p = k / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+OUR_FILES = ('results.jsonl', 'results.process-*.jsonl', SUMMARY_FILE, 'run_config.json')
+OUR_FILES += ('routing_*.png', 'accuracy.png', 'ngd_steps.png')
+
+
+def remove_results(output_dir: str) -> list[str]:
+  """Deletes only the files a run writes in output_dir (for --overwrite)."""
+  import glob
+
+  gone = []
+  for pattern in OUR_FILES:
+    for path in sorted(glob.glob(os.path.join(glob.escape(output_dir), pattern))):
+      os.remove(path)
+      gone.append(path)
+  return gone
+
+
+def mcnemar_p(b: int, c: int) -> float:
+  """Exact two-sided McNemar p-value from the discordant counts b, c."""
+  n = b + c
+  if n == 0:
+    return 1.0
+  k = min(b, c)
+  tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+  return min(1.0, 2.0 * tail)
+
+
+def summarize(rows: list[dict]) -> dict:
+  """Per-method accuracy, acc_norm, changes versus base, fallbacks, timing.
+
+  Timing: each method's first batch includes jit compilation, so it is left
+  out of seconds_per_sample when the method has other rows, and reported as
+  first_batch_seconds_per_sample. A batch's rows share one per-sample time,
+  so the first batch is the leading run of rows (in file order) whose time
+  equals the first row's. (A resumed run compiles again; that batch is not
+  told apart.)
+  """
+  by_method: dict[str, dict[str, dict]] = defaultdict(dict)
+  for r in rows:
+    by_method[r['method']][r['id']] = r
+  base = by_method.get('base', {})
+  out = {}
+  for method, per_id in by_method.items():
+    n = len(per_id)
+    correct = sum(r['correct'] for r in per_id.values())
+    norm = sum(r.get('correct_norm', r['correct']) for r in per_id.values())
+    paired = [(base[i]['correct'], r['correct']) for i, r in per_id.items() if i in base]
+    improved = sum(1 for b, m in paired if m and not b)
+    worsened = sum(1 for b, m in paired if b and not m)
+    out[method] = {
+      'n': n,
+      'accuracy': correct / n,
+      'accuracy_ci95': [round(x, 4) for x in wilson_interval(correct, n)],
+      'acc_norm': norm / n,
+      'improved_vs_base': improved,
+      'worsened_vs_base': worsened,
+      'mcnemar_p_vs_base': mcnemar_p(improved, worsened),
+      'nan_fallbacks': sum(1 for r in per_id.values() if r.get('fallback') == 'nan'),
+      'no_neighbour_fallbacks': sum(
+        1 for r in per_id.values() if r.get('fallback') == 'no_neighbours'
+      ),
+      **_timing(list(per_id.values())),
+    }
+  return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+
+
+def _timing(rows: list[dict]) -> dict:
+  """seconds_per_sample without the first (compiling) batch; see summarize."""
+  times = [r.get('seconds', 0.0) for r in rows]
+  first = 0
+  while first < len(times) and times[first] == times[0]:
+    first += 1
+  rest = times[first:] or times
+  return {
+    'seconds_per_sample': sum(rest) / len(rest),
+    'first_batch_seconds_per_sample': times[0],
+  }
+
+
+def _order(method: str) -> int:
+  return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def format_table(summary: dict, benchmark: str) -> str:
+  """A Table-1-style text table (accuracy in %)."""
+  name = _short(benchmark)
+  w = max(14, len(name))
+  head = (
+    f'{"method":<18} {name:>{w}} {"95% CI":>13} {"acc_norm":>9} {"vs base":>8} '
+    f'{"+":>4} {"-":>4} {"p":>7} {"NaN":>4} {"s/sample":>9}'
+  )
+  lines = [head, '-' * len(head)]
+  base_acc = summary.get('base', {}).get('accuracy')
+  for method, s in summary.items():
+    delta = '' if base_acc is None else f'{100 * (s["accuracy"] - base_acc):+.1f}'
+    lo, hi = s.get('accuracy_ci95', (float('nan'),) * 2)
+    ci = f'[{100 * lo:.1f}, {100 * hi:.1f}]'
+    lines.append(
+      f'{method:<18} {100 * s["accuracy"]:>{w}.1f} {ci:>13} {100 * s["acc_norm"]:>9.1f} {delta:>8} '
+      f'{s["improved_vs_base"]:>4} {s["worsened_vs_base"]:>4} '
+      f'{s["mcnemar_p_vs_base"]:>7.3f} {s["nan_fallbacks"]:>4} {s["seconds_per_sample"]:>9.3f}'
+    )
+  n = max((s['n'] for s in summary.values()), default=0)
+  lines.append(
+    f'({n} test samples; accuracy % with its 95% Wilson interval; +/-: answers fixed/broken '
+    'versus base; p: exact McNemar; s/sample: after the first, compiling batch)'
+  )
+  return '\n'.join(lines)
+
+
+def _short(benchmark: str) -> str:
+  """A column title: the name of a registry benchmark or of a JSONL file."""
+  name = os.path.basename(benchmark)
+  for ext in ('.jsonl.gz', '.jsonl'):
+    name = name.removesuffix(ext)
+  return name
+
+
+def write_summary(output_dir: str, summary: dict, extra: dict) -> str:
+  path = os.path.join(output_dir, SUMMARY_FILE)
+  files.write_json(path, {'methods': summary, **extra})
+  return path

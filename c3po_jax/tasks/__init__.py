@@ -1,0 +1,12 @@
+"""Benchmark data: Examples, adapters for each source, prompt formats.
+
+examples = load_examples('arc_challenge', split='test')   # offline copy
+examples = load_examples('suite.jsonl')                    # generic MC JSONL
+prompt = format_example(examples[0], 'rc', fewshot=demos)
+"""
+
+from c3po_jax.tasks.example import Example, TaskDataError, TaskSourceError
+from c3po_jax.tasks.jsonl import read_jsonl, write_jsonl
+from c3po_jax.tasks.loading import SOURCES, benchmark_table, load_examples
+from c3po_jax.tasks.prompts import FORMATS, Prompt, format_example
+from c3po_jax.tasks.registry import BENCHMARKS, MMLU_SUBJECTS, BenchmarkSpec, benchmark_names

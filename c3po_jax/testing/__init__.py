@@ -1,0 +1,1 @@
+"""References and fixtures for tests: the PyTorch C3PO override, tiny models."""
