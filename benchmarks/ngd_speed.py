@@ -123,7 +123,7 @@ def _problem(rng, q: int, k: int, t: int, vocab: int):
   """Test tokens [Q, T], neighbour prompts (Q*k, mc), kernel weights [Q, k]."""
   import numpy as np
 
-  from c3po_jax.remix.scoring import EncodedPrompt
+  from c3po_jax.tasks.encoding import EncodedPrompt
 
   letters = tuple((int(x),) for x in rng.choice(vocab, NUM_CHOICES, replace=False))
   tokens = rng.integers(0, vocab, (q, t), dtype=np.int32)

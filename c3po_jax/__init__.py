@@ -2,7 +2,7 @@
 
 config, params = c3po_jax.load_checkpoint(path)
 out = c3po_jax.forward(params, tokens, config=config, pathway={15: w})
-result = c3po_jax.run(c3po_jax.RunConfig(...))  # a whole C3PO run (see c3po_jax.run.api)
+result = c3po_jax.run(c3po_jax.RunConfig.make(...))  # a whole C3PO run (see c3po_jax.run.api)
 """
 
 from c3po_jax.ckpts.checkpoint import load_checkpoint, save_checkpoint

@@ -1,6 +1,5 @@
 """The Python API runs C3PO without the CLI; its summary carries provenance."""
 
-import dataclasses
 import json
 import os
 
@@ -14,7 +13,7 @@ from c3po_jax.run import results
 
 def test_run_returns_predictions_pathways_and_provenance(tmp_path):
   ckpt = make_checkpoint(tmp_path / 'tiny')
-  rc = c3po_jax.RunConfig(
+  rc = c3po_jax.RunConfig.make(
     checkpoint_dir=ckpt,
     benchmark='arc_challenge',
     reference=('openbookqa',),
@@ -54,4 +53,4 @@ def test_run_returns_predictions_pathways_and_provenance(tmp_path):
   # The same checkpoint path with other weights: --resume refuses to mix rows.
   make_checkpoint(tmp_path / 'tiny', seed=1)
   with pytest.raises(run_output.ConfigMismatchError, match='other model weights'):
-    c3po_jax.run(dataclasses.replace(rc, resume=True))
+    c3po_jax.run(rc.replace(resume=True))

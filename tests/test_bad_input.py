@@ -41,7 +41,7 @@ def _rc(tmp_path, **kw) -> RunConfig:
     output_dir=str(tmp_path / 'out'),
     cache_dir=str(tmp_path / 'cache'),
   )
-  return RunConfig(**{**args, **kw})
+  return RunConfig.make(**{**args, **kw})
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def _write_results(out, rc=None):
 def test_existing_results_need_resume_or_overwrite(tmp_path):
   rc = _rc(tmp_path)
   run_output.prepare(rc)
-  _write_results(rc.output_dir)
+  _write_results(rc.execution.output_dir)
   (tmp_path / 'out' / 'notes.txt').write_text('mine')
   with pytest.raises(results.ResultsExistError, match='--resume .*--overwrite') as e:
     run_output.prepare(rc)
@@ -124,7 +124,7 @@ def test_existing_results_need_resume_or_overwrite(tmp_path):
 def test_resume_refuses_changed_settings(tmp_path):
   rc = _rc(tmp_path, methods=('base', 'ngd'))
   run_output.prepare(rc)
-  _write_results(rc.output_dir)
+  _write_results(rc.execution.output_dir)
   with pytest.raises(run_output.ConfigMismatchError, match=r'lr: 0.01 -> 0.1'):
     run_output.prepare(_rc(tmp_path, methods=('base', 'ngd'), lr=0.1, resume=True))
   with pytest.raises(run_output.ConfigMismatchError, match='max_test_samples'):

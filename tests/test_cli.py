@@ -8,7 +8,7 @@ import sys
 import pytest
 from engine_utils import make_checkpoint
 
-from c3po_jax.run import pipeline, results
+from c3po_jax.run import pipeline, results, runner
 from c3po_jax.run.config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,10 +69,10 @@ def test_cli_runs_every_method(ckpt, tmp_path):
 
 
 def test_missing_checkpoint_says_how_to_convert(tmp_path):
-  rc = RunConfig(
+  rc = RunConfig.make(
     checkpoint_dir=str(tmp_path / 'nope'), benchmark='arc_challenge', reference=('openbookqa',)
   )
-  with pytest.raises(pipeline.MissingCheckpointError, match='c3po_jax.ckpts.convert'):
+  with pytest.raises(runner.MissingCheckpointError, match='c3po_jax.ckpts.convert'):
     pipeline.run(rc)
 
 
@@ -85,7 +85,7 @@ def _strip(rows):
 def test_interrupted_run_resumes_without_loss_or_duplicates(ckpt, tmp_path, monkeypatch):
   methods = ('base', 'kernel_regression', 'ngd')
   full = tmp_path / 'full'
-  pipeline.run(RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(full)))
+  pipeline.run(RunConfig.make(**_common(ckpt, tmp_path), methods=methods, output_dir=str(full)))
   want = results.read_rows(str(full / 'results.jsonl'))
   assert len(want) == 3 * 4
 
@@ -103,12 +103,12 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(ckpt, tmp_path, monk
 
   monkeypatch.setattr(results.ResultsWriter, 'write', crashing_write)
   with pytest.raises(KeyboardInterrupt):
-    pipeline.run(RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut)))
+    pipeline.run(RunConfig.make(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut)))
   monkeypatch.setattr(results.ResultsWriter, 'write', write)
   with pytest.raises(results.ResultsExistError):
-    pipeline.run(RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut)))
+    pipeline.run(RunConfig.make(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut)))
   pipeline.run(
-    RunConfig(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut), resume=True)
+    RunConfig.make(**_common(ckpt, tmp_path), methods=methods, output_dir=str(cut), resume=True)
   )
   got = results.read_rows(str(cut / 'results.jsonl'))
   assert _strip(got) == _strip(want)

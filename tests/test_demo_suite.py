@@ -1,6 +1,6 @@
 """The demo suite: determinism, file format, answer correctness, no leaks, tokenizer.
 
-Most tests run on the control world (families.py); the remix world (remix.py,
+Most tests run on the control world (families.py); the remix world (remix_world.py,
 the default demo) has its own tests at the end.
 """
 
@@ -13,8 +13,8 @@ import re
 import numpy as np
 import pytest
 
-from c3po_jax.demo import prompts, suite
-from c3po_jax.demo import tokenizer as tokenizer_lib
+from c3po_jax.demo import bpe, suite
+from c3po_jax.tasks import prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, 'checkpoints', 'demo')  # the remix world
@@ -31,7 +31,7 @@ def small():
 
 @pytest.fixture(scope='module')
 def tok(small):
-  return tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in small.train_text)
+  return bpe.train_tokenizer(r['text'] + r['target'] for r in small.train_text)
 
 
 @pytest.fixture(scope='module')
@@ -135,7 +135,7 @@ def test_files_parse_in_generic_format(written, small):
     for r in rows:
       assert isinstance(r['id'], str) and isinstance(r['question'], str)
       assert all(isinstance(c, str) for c in r['choices'])
-      assert 2 <= len(r['choices']) <= len(prompts.LETTERS)
+      assert 2 <= len(r['choices']) <= len(bpe.LETTERS)
       assert len(set(r['choices'])) == len(r['choices']), r
       assert isinstance(r['answer'], int) and 0 <= r['answer'] < len(r['choices'])
       assert r['task'] == name.rsplit('_', 1)[0]
@@ -237,8 +237,8 @@ def test_prompt_matches_benchmark_format(fmt):
 
 
 def test_tokenizer_round_trips_and_answers_are_single_tokens(small, tok, tmp_path):
-  tokenizer_lib.save_tokenizer(tok, str(tmp_path))
-  hf = tokenizer_lib.load_tokenizer(str(tmp_path))
+  bpe.save_tokenizer(tok, str(tmp_path))
+  hf = bpe.load_tokenizer(str(tmp_path))
   row = small.train_text[0]
   assert hf.encode(row['text'], add_special_tokens=False) == tok.encode(row['text']).ids
   assert hf.decode(tok.encode(row['text']).ids) == row['text']
@@ -249,7 +249,7 @@ def test_tokenizer_round_trips_and_answers_are_single_tokens(small, tok, tmp_pat
 
   for name in (*families.COLORS, *families.TOWNS, *families.FOODS):
     assert len(tok.encode(' ' + name).ids) == 1, name
-  assert tok.encode(prompts.format_rc('q')).tokens[-1] == ':'
+  assert tok.encode(prompts.format_question('q', ['x'], 'rc')[0]).tokens[-1] == ':'
   assert (hf.pad_token_id, hf.eos_token_id) == (0, 1)
 
 
@@ -257,17 +257,17 @@ def test_mc_suite_letters_are_single_tokens(tmp_path):
   mc = suite.build_suite(dataclasses.replace(SMALL, fmt='mc', num_drill=300))
   assert any(r['source'] == 'drill' for r in mc.train_text)
   assert {r['target'] for r in mc.train_text if r['target']} <= {' A', ' B', ' C', ' D', ' E'}
-  tok = tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in mc.train_text)
-  ids = tokenizer_lib.letter_token_ids(tok)
-  assert len(set(ids)) == len(prompts.LETTERS)
-  tokenizer_lib.save_tokenizer(tok, str(tmp_path))
-  assert tokenizer_lib.letter_token_ids(tokenizer_lib.load_tokenizer(str(tmp_path))) == ids
+  tok = bpe.train_tokenizer(r['text'] + r['target'] for r in mc.train_text)
+  ids = bpe.letter_token_ids(tok)
+  assert len(set(ids)) == len(bpe.LETTERS)
+  bpe.save_tokenizer(tok, str(tmp_path))
+  assert bpe.letter_token_ids(bpe.load_tokenizer(str(tmp_path))) == ids
 
 
 def test_tokenizer_is_deterministic(small):
   texts = [r['text'] + r['target'] for r in small.train_text]
-  a = tokenizer_lib.train_tokenizer(texts)
-  b = tokenizer_lib.train_tokenizer(texts)
+  a = bpe.train_tokenizer(texts)
+  b = bpe.train_tokenizer(texts)
   assert a.to_str() == b.to_str()
 
 
@@ -290,7 +290,7 @@ def test_scorer_matches_unpadded_forward(small, tok):
   import jax
   import jax.numpy as jnp
 
-  from c3po_jax.demo import scoring
+  from c3po_jax.demo import choice_scores
   from models.olmoe import transformer
   from models.olmoe.config import TINY
 
@@ -299,17 +299,17 @@ def test_scorer_matches_unpadded_forward(small, tok):
   # Multi-token continuations (fact_true) and 2..5 choices; batches of 4
   # sequences leave filler rows; sequences are right-padded.
   rows = small.records['cmp_greatest', 'dev'][:3] + small.records['fact_true', 'reference'][:2]
-  got = scoring.choice_log_probs(params, config, tok, rows, batch_size=4, max_len=64)
+  got = choice_scores.choice_log_probs(params, config, tok, rows, batch_size=4, max_len=64)
   for r, lp in zip(rows, got):
     assert lp.shape == (len(r['choices']),)
-    context = tok.encode(prompts.format_rc(r['question'])).ids
+    context = tok.encode(prompts.format_question(r['question'], ['x'], 'rc')[0]).ids
     for c, choice in enumerate(r['choices']):
       cont = tok.encode(' ' + choice).ids
       ids = jnp.asarray([context + cont])
       logp = jax.nn.log_softmax(transformer.forward(params, ids, config=config).logits[0])
       want = sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(cont))
       np.testing.assert_allclose(lp[c], want, atol=1e-4)
-  assert list(scoring.predictions(got)) == [int(np.argmax(lp)) for lp in got]
+  assert list(choice_scores.predictions(got)) == [int(np.argmax(lp)) for lp in got]
 
 
 def test_documents_weight_the_answer(small, tok):
@@ -380,8 +380,8 @@ def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_
 
   def fake_run_suite(rc, suite_dir, split):
     calls.append(split)
-    assert rc.max_similarity == 0.99 and rc.sigma == 'median'
-    acc = dev_ngd[rc.lr, rc.k]
+    assert rc.neighbourhood.max_similarity == 0.99 and rc.neighbourhood.sigma == 'median'
+    acc = dev_ngd[rc.method.lr, rc.neighbourhood.k]
     pooled = {
       'base': {'accuracy': 0.7, 'mcnemar_p_vs_base': 1.0},
       'ngd': {'accuracy': acc, 'mcnemar_p_vs_base': 0.5},
@@ -389,7 +389,7 @@ def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_
     return {'benchmarks': {}, 'pooled': pooled}
 
   monkeypatch.setattr(suite_run, 'run_suite', fake_run_suite)
-  rc = RunConfig(
+  rc = RunConfig.make(
     checkpoint_dir='x', benchmark='(suite)', reference=('(suite)',), output_dir=str(tmp_path)
   )
   grid = {'lr': [0.01, 0.1, 0.3], 'k': [3, 10], 'max_similarity': [0.99], 'sigma': ['median']}
@@ -411,7 +411,7 @@ def test_tune_picks_the_best_dev_point_and_records_it(written, monkeypatch, tmp_
   assert suite.read_manifest(str(fresh))['c3po_settings'] == manifest['c3po_settings']
 
 
-# ---- the remix world (remix.py): the default demo ----
+# ---- the remix world (remix_world.py): the default demo ----
 
 
 @pytest.fixture(scope='module')
@@ -420,14 +420,14 @@ def remix_suite():
 
 
 def test_remix_gold_answers_and_choices(remix_suite):
-  from c3po_jax.demo import remix
+  from c3po_jax.demo import remix_world
 
   ops = {f.test_source: f.op for f in remix_suite.families}
   ops.update({s: f.op for f in remix_suite.families for s in f.reference_sources})
   for (source, _), rows in remix_suite.records.items():
     for r in rows:
       x, y = _ints(r['question'])[:2]
-      values = remix.answers(max(x, y), min(x, y))
+      values = remix_world.answers(max(x, y), min(x, y))
       gold = values[ops[source]]
       assert r['choices'][r['answer']] == str(gold), (source, r)
       assert len(set(r['choices'])) == 4
@@ -471,7 +471,7 @@ def test_route_loss_and_document_routes(remix_suite):
   probs = probs.at[:, 0, 4].set(on)
   assert float(train.route_loss(probs, pos, group, 2, 4)) == pytest.approx(0.0, abs=1e-6)
   docs = remix_suite.train_text[:20]
-  tok = tokenizer_lib.train_tokenizer(r['text'] + r['target'] for r in remix_suite.train_text)
+  tok = bpe.train_tokenizer(r['text'] + r['target'] for r in remix_suite.train_text)
   routes = train.document_routes(remix_suite, tok, docs)
   names = [f.name for f in remix_suite.families]
   for d, (p, g) in zip(docs, routes):

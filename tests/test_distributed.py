@@ -333,11 +333,11 @@ def baseline(tiny):
 def test_sharded_parameters_are_split(tiny):
   """Orbax restores each leaf straight into its shard of an 8-device mesh."""
   code = (
-    'import json, sys; from c3po_jax.run import mesh as distributed, pipeline\n'
+    'import json, sys; from c3po_jax.run import mesh as distributed, runner\n'
     'from c3po_jax.run.config import RunConfig\n'
-    "rc = RunConfig(checkpoint_dir=sys.argv[1], benchmark='-', reference=('-',))\n"
+    "rc = RunConfig.make(checkpoint_dir=sys.argv[1], benchmark='-', reference=('-',))\n"
     "mesh = distributed.make_mesh('data:2,expert:2,model:2')\n"
-    'config, params, _ = pipeline.load_model(rc, mesh)\n'
+    'config, params, _ = runner.load_model(rc, mesh)\n'
     "moe = params['layer_0']['moe']\n"
     'shape = lambda x: [list(s.data.shape) for s in x.addressable_shards]\n'
     'print(json.dumps({k: shape(v) for k, v in moe.items()}))\n'

@@ -11,6 +11,7 @@ from c3po_jax.neighbours import kernels
 from c3po_jax.neighbours import search as neighbours
 from c3po_jax.remix import engine, methods, scoring
 from c3po_jax.remix import pathway as pw_lib
+from c3po_jax.tasks.encoding import EncodedPrompt
 from models.olmoe import transformer
 from models.olmoe.config import TINY
 
@@ -28,7 +29,7 @@ def _prompts(rng, n, fmt='mc', choices=3):
         tuple(int(x) for x in rng.integers(3, TINY.vocab_size, rng.integers(1, 4)))
         for _ in range(choices)
       )
-    out.append(scoring.EncodedPrompt(ctx, conts, int(rng.integers(choices)), (1,) * choices, fmt))
+    out.append(EncodedPrompt(ctx, conts, int(rng.integers(choices)), (1,) * choices, fmt))
   return out
 
 

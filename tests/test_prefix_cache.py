@@ -20,6 +20,7 @@ import pytest
 
 from c3po_jax.remix import engine, losses, methods, scoring, state_cache
 from c3po_jax.remix import pathway as pw_lib
+from c3po_jax.tasks.encoding import EncodedPrompt
 from models.olmoe import transformer
 from models.olmoe.config import TINY
 
@@ -43,23 +44,20 @@ def _params():
   return jax.tree.map(draw, params)
 
 
-def _prompts(fmt: str, seed: int = 0) -> list[scoring.EncodedPrompt]:
+def _prompts(fmt: str, seed: int = 0) -> list[EncodedPrompt]:
   """Three neighbours of different lengths; one has fewer choices (mc)."""
   rng = np.random.default_rng(seed)
   tok = lambda n: tuple(int(x) for x in rng.integers(3, CONFIG.vocab_size, n))
   if fmt == 'mc':
     shapes = [(5, 4, 1), (12, 3, 2), (25, 4, 0)]  # (context length, choices, gold)
     return [
-      scoring.EncodedPrompt(tok(n), tuple((t,) for t in tok(c)), g, (1,) * c, 'mc')
-      for n, c, g in shapes
+      EncodedPrompt(tok(n), tuple((t,) for t in tok(c)), g, (1,) * c, 'mc') for n, c, g in shapes
     ]
   shapes = [(5, (1, 3, 2), 1), (9, (2, 2, 1), 0), (25, (3, 1, 1), 2)]
-  out = [
-    scoring.EncodedPrompt(tok(n), tuple(tok(m) for m in ms), g, ms, 'rc') for n, ms, g in shapes
-  ]
+  out = [EncodedPrompt(tok(n), tuple(tok(m) for m in ms), g, ms, 'rc') for n, ms, g in shapes]
   # WinoGrande-style: one context per choice, of different lengths.
   p = out[1]
-  out[1] = scoring.EncodedPrompt(
+  out[1] = EncodedPrompt(
     p.context, p.continuations, p.gold, p.cont_chars, 'rc', (tok(4), tok(7), tok(11))
   )
   return out

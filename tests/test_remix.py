@@ -11,6 +11,7 @@ import pytest
 
 from c3po_jax.remix import engine, methods, scoring
 from c3po_jax.remix import pathway as pw_lib
+from c3po_jax.tasks.encoding import EncodedPrompt
 from models.olmoe import moe as moe_lib
 from models.olmoe import transformer
 from models.olmoe.config import TINY
@@ -175,7 +176,7 @@ def _prompts(rng, n, fmt, per_choice=False, choices=3):
       conts = tuple(tok(int(rng.integers(1, 4))) for _ in range(choices))
     contexts = tuple(tok(int(rng.integers(4, 12))) for _ in range(choices)) if per_choice else None
     gold = int(rng.integers(choices))
-    out.append(scoring.EncodedPrompt(ctx, conts, gold, (1,) * choices, fmt, contexts))
+    out.append(EncodedPrompt(ctx, conts, gold, (1,) * choices, fmt, contexts))
   return out
 
 

@@ -23,7 +23,7 @@ def ckpt(tmp_path_factory):
   'benchmark,fmt', [('arc_challenge', 'mc'), ('arc_challenge', 'rc'), ('winogrande', 'rc')]
 )
 def test_identity_pathway_rows_equal_base(ckpt, tmp_path, benchmark, fmt):
-  rc = RunConfig(
+  rc = RunConfig.make(
     checkpoint_dir=ckpt,
     benchmark=benchmark,
     reference=('openbookqa', 'sciq'),

@@ -103,25 +103,3 @@ def duration(seconds: float) -> str:
   if minutes < 60:
     return f'{minutes} min {s:02d} s'
   return f'{minutes // 60} h {minutes % 60:02d} min'
-
-
-def main_help() -> str:
-  """The text `python -m c3po_jax.main --help` prints above the flags."""
-  from c3po_jax.run.config import METHODS
-  from c3po_jax.tasks import registry
-
-  names = [n for n in registry.BENCHMARKS if n != 'mmlu'] + ['mmlu', 'mmlu_<subject>']
-  return f"""C3PO test-time expert re-mixing for a Mixture-of-Experts LLM (OLMoE).
-
-  python -m c3po_jax.main                     the embedded demo (model and task suite)
-  python -m c3po_jax.main --checkpoint_dir=DIR --benchmark=B --reference=R1,R2 [flags]
-  python -m c3po_jax.main --suite=DIR         every benchmark of a suite directory
-  python -m c3po_jax.main --flagfile=olmoe.flags
-
-Methods (--methods, default all): {', '.join(METHODS)}.
-Benchmarks (--benchmark, --reference): {', '.join(names)};
-  or a generic multiple-choice JSONL file (.jsonl, .jsonl.gz).
-Results go to --output_dir (results.jsonl, summary.json, plots); an interrupted
-run continues with --resume, --overwrite replaces it. Errors print one line
-(exit code 2 for usage errors); --verbosity=1 adds tracebacks and library logs.
-"""

@@ -1,10 +1,30 @@
-"""Errors that say the command line was wrong (exit code 2, see `cli`)."""
+"""Error types every wing shares: usage errors (exit code 2, see `cli`) and bad data."""
 
 from __future__ import annotations
 
 import contextlib
 
-from c3po_jax.tasks import TaskDataError
+
+class TaskDataError(ValueError):
+  """A malformed row in a benchmark file: names the file, the row and the fault.
+
+  Attributes:
+    path: the file (or hub dataset) the row came from.
+    line: 1-based line (JSONL) or row (Parquet, Arrow, hub) number; None when
+      the fault is not tied to one row.
+    reason: what is wrong.
+  """
+
+  def __init__(self, path: str, line: int | None, reason: str, *, unit: str = 'line'):
+    self.path = str(path)
+    self.line = line
+    self.reason = reason
+    where = self.path if line is None else f'{self.path}, {unit} {line}'
+    super().__init__(f'{where}: {reason}')
+
+
+class TaskSourceError(RuntimeError):
+  """No source can serve the requested benchmark split (nothing offline, no hub)."""
 
 
 class UsageError(ValueError):

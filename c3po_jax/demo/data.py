@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import flax.struct
 import numpy as np
 
-from c3po_jax.demo import scoring
+from c3po_jax.demo import choice_scores
 
 
 @flax.struct.dataclass
@@ -59,8 +59,8 @@ def tokenize_documents(
   tokenizer, docs: Sequence[dict], eos_id: int, answer_weight: float
 ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per document (ids [n], weight of predicting each ids[1:] [n - 1])."""
-  texts = scoring.encode_prompts(tokenizer, [d['text'] for d in docs])
-  targets = scoring.encode_prompts(tokenizer, [d['target'] for d in docs])
+  texts = choice_scores.encode_prompts(tokenizer, [d['text'] for d in docs])
+  targets = choice_scores.encode_prompts(tokenizer, [d['target'] for d in docs])
   out = []
   for text, target in zip(texts, targets):
     ids = np.array([*text, *target, eos_id], np.int32)

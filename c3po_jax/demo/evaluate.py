@@ -14,8 +14,7 @@ import os
 from absl import app, flags, logging
 
 from c3po_jax.ckpts import checkpoint
-from c3po_jax.demo import scoring, suite
-from c3po_jax.demo import tokenizer as tokenizer_lib
+from c3po_jax.demo import bpe, choice_scores, suite
 
 
 def read_split(suite_dir: str, split: str) -> dict[str, list[dict]]:
@@ -35,11 +34,11 @@ def read_split(suite_dir: str, split: str) -> dict[str, list[dict]]:
 def evaluate(checkpoint_dir: str, split: str) -> dict[str, float]:
   """family -> accuracy of the checkpoint on `split` of its shipped suite."""
   config, params = checkpoint.load_checkpoint(checkpoint_dir)
-  tok = tokenizer_lib.load_tokenizer(checkpoint_dir)
+  tok = bpe.load_tokenizer(checkpoint_dir)
   suite_dir = os.path.join(checkpoint_dir, 'suite')
   fmt = suite.read_manifest(suite_dir)['prompt']['format']
   rows = read_split(suite_dir, split)
-  return {name: scoring.accuracy(params, config, tok, r, fmt=fmt) for name, r in rows.items()}
+  return {name: choice_scores.accuracy(params, config, tok, r, fmt=fmt) for name, r in rows.items()}
 
 
 def main(argv, *, checkpoint_dir: str, split: str):

@@ -40,10 +40,10 @@ from c3po_jax.common import files
 from c3po_jax.neighbours import search as neighbours
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix import scoring
-from c3po_jax.run import pipeline
 from c3po_jax.run import suite as suite_run
 from c3po_jax.run.config import RunConfig
-from c3po_jax.tasks import load_examples
+from c3po_jax.run.runner import Runner, load_model
+from c3po_jax.tasks import load_examples, load_references
 
 
 @functools.partial(jax.jit, static_argnames='config')
@@ -59,9 +59,9 @@ def choice_ce(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
   return lse - s[np.arange(len(s)), gold]
 
 
-def score_with(runner: pipeline.Runner, prompts, rows: np.ndarray | None, layers) -> np.ndarray:
+def score_with(runner: Runner, prompts, rows: np.ndarray | None, layers) -> np.ndarray:
   """[n, C] choice scores; rows [n, L, E] injected on `layers` (None: native routing)."""
-  bs = runner.rc.batch_size
+  bs = runner.rc.execution.batch_size
   out = []
   for i in range(0, len(prompts), bs):
     chunk = prompts[i : i + bs]
@@ -79,7 +79,7 @@ def score_with(runner: pipeline.Runner, prompts, rows: np.ndarray | None, layers
 @dataclasses.dataclass
 class Benchmark:
   name: str
-  runner: pipeline.Runner
+  runner: Runner
   prompts: list
   gold: np.ndarray
   base_scores: np.ndarray
@@ -89,16 +89,14 @@ class Benchmark:
 
 def _prepare(rc: RunConfig, suite_dir: str, name: str, entry: dict, split: str, model):
   config, params, tok = model
-  sub = dataclasses.replace(
-    rc,
+  sub = rc.replace(
     benchmark=os.path.join(suite_dir, entry[split]),
     reference=tuple(os.path.join(suite_dir, r) for r in entry['reference']),
   )
-  test = load_examples(sub.benchmark, limit=sub.max_test_samples)
-  pool = pipeline.load_references(sub)
-  runner = pipeline.Runner(sub, config, params, tok)
-  runner.test = test
-  runner.num_choices = max(len(e.choices) for e in test + pool)
+  test = load_examples(sub.data.benchmark, limit=sub.data.max_test_samples)
+  pool, _ = load_references(sub.data.reference, max_samples=sub.data.max_reference_samples)
+  runner = Runner(sub, config, params, tok)
+  runner.begin(test, max(len(e.choices) for e in test + pool))
   prompts = runner.encode(test)
   an = runner.analyze(test, prompts, f'{name} test')
   gold = np.asarray([e.gold for e in test])
@@ -154,10 +152,10 @@ def _median(x) -> float | None:
 def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -> dict:
   """The diagnostic for every benchmark of the suite, and pooled."""
   manifest = suite_run.read_suite(suite_dir)
-  model = pipeline.load_model(rc)
+  model = load_model(rc)
   config = model[0]
   layers = pw_lib.PathwaySpec.make(
-    config.num_hidden_layers, config.num_experts, rc.critical_layers, rc.core_experts
+    config.num_hidden_layers, config.num_experts, rc.method.critical_layers, rc.method.core_experts
   ).layers
   benches, pools = [], []
   for name, entry in manifest['benchmarks'].items():
@@ -168,7 +166,7 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
   per, pooled = {}, {key: [] for key in ('correct', 'gap', 'own', 'nw', 'same', 'rand', 'other')}
   for bi, (b, pool) in enumerate(zip(benches, pools)):
     correct = np.argmax(b.base_scores, axis=-1) == b.gold
-    t = transfer_gap(b, pool, layers, rc.k, rc.max_similarity)
+    t = transfer_gap(b, pool, layers, rc.neighbourhood.k, rc.neighbourhood.max_similarity)
     q = len(b.gold)
     same = np.argmax(score_with(b.runner, b.prompts, b.base_probs, layers), -1) == b.gold
     random_rows = b.base_probs.copy()
@@ -195,12 +193,12 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
   cat = {key: np.concatenate(v) for key, v in pooled.items()}
   out = {
     'suite': suite_dir,
-    'checkpoint_dir': rc.checkpoint_dir,
+    'checkpoint_dir': rc.model.checkpoint_dir,
     'split': split,
     'critical_layers': list(layers),
-    'k': rc.k,
-    'max_similarity': rc.max_similarity,
-    'samples_per_benchmark': rc.max_test_samples,
+    'k': rc.neighbourhood.k,
+    'max_similarity': rc.neighbourhood.max_similarity,
+    'samples_per_benchmark': rc.data.max_test_samples,
     'seed': seed,
     'benchmarks': per,
     'pooled': summarize(*cat.values()),
@@ -265,7 +263,7 @@ def main(argv):
   del argv
   F = flags.FLAGS
   settings = suite_run.suite_settings(suite_run.read_suite(F.suite))
-  rc = RunConfig(
+  rc = RunConfig.make(
     checkpoint_dir=F.checkpoint_dir,
     benchmark='(suite)',
     reference=('(suite)',),
@@ -283,8 +281,8 @@ def main(argv):
     cache_dir=F.cache_dir,
     num_plots=0,
   )
-  if isinstance(rc.critical_layers, int):  # suites written when an int meant 'the last N'
-    rc = dataclasses.replace(rc, critical_layers=f'last:{rc.critical_layers}')
+  if isinstance(rc.method.critical_layers, int):  # suites written when an int meant 'the last N'
+    rc = rc.replace(critical_layers=f'last:{rc.method.critical_layers}')
   logging.info('premise diagnostic with %s', rc)
   result = diagnose(rc, F.suite, F.split, F.seed)
   print(format_table(result))

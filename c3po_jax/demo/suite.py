@@ -52,7 +52,8 @@ from absl import app, flags, logging
 
 from c3po_jax.common import files
 from c3po_jax.demo import families as families_lib
-from c3po_jax.demo import prompts, remix
+from c3po_jax.demo import remix_world
+from c3po_jax.tasks import prompts
 
 MANIFEST = 'suite.json'
 TRAIN_TEXT = 'train_text.jsonl'
@@ -60,11 +61,11 @@ FORMAT = 'c3po-jax/demo-suite'
 FORMAT_VERSION = 2
 SPLITS = ('train', 'reference', 'dev', 'test')
 EVAL_SPLITS = ('reference', 'dev', 'test')
-# The worlds a suite can be drawn from: 'remix' (remix.py, the default demo:
+# The worlds a suite can be drawn from: 'remix' (remix_world.py, the default demo:
 # the skill lives in the experts the router picks) and 'control' (families.py,
 # the earlier demo, kept as a negative control: its neighbours are answered
 # confidently under any test routing).
-WORLDS = {'remix': remix.make_families, 'control': families_lib.make_families}
+WORLDS = {'remix': remix_world.make_families, 'control': families_lib.make_families}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,8 +39,7 @@ import optax
 from absl import app, flags, logging
 
 from c3po_jax.ckpts import checkpoint
-from c3po_jax.demo import data, scoring, suite
-from c3po_jax.demo import tokenizer as tokenizer_lib
+from c3po_jax.demo import bpe, choice_scores, data, suite
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 
@@ -163,7 +162,7 @@ def train_step(state, batch, *, config, optimizer, aux_coef, route=None):
 def document_routes(the_suite: suite.Suite, tok, docs) -> list[tuple[int, int]]:
   """Per training document (its last context token, its family's index; -1: plain text)."""
   group = {s: i for i, f in enumerate(the_suite.families) for s in f.sources}
-  lengths = [len(ids) for ids in scoring.encode_prompts(tok, [d['text'] for d in docs])]
+  lengths = [len(ids) for ids in choice_scores.encode_prompts(tok, [d['text'] for d in docs])]
   return [
     (n - 1, group[d['source']]) if d['target'] and d['source'] in group else (0, -1)
     for d, n in zip(docs, lengths)
@@ -175,16 +174,16 @@ def dev_accuracy(params, config, tok, the_suite: suite.Suite, split: str = 'dev'
   out = {}
   for (source, s), rows in sorted(the_suite.records.items()):
     if s == split:
-      out[source] = scoring.accuracy(params, config, tok, rows, fmt=the_suite.config.fmt)
+      out[source] = choice_scores.accuracy(params, config, tok, rows, fmt=the_suite.config.fmt)
   return out
 
 
 def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
   the_suite = suite.build_suite(suite.SuiteConfig(seed=cfg.suite_seed, world=cfg.world))
   docs = the_suite.train_text
-  tok = tokenizer_lib.train_tokenizer((d['text'] + d['target'] for d in docs), cfg.vocab_size)
+  tok = bpe.train_tokenizer((d['text'] + d['target'] for d in docs), cfg.vocab_size)
   if the_suite.config.fmt == 'mc':
-    tokenizer_lib.letter_token_ids(tok)  # Fails early if a letter is not one token.
+    bpe.letter_token_ids(tok)  # Fails early if a letter is not one token.
   config = model_config(cfg, tok.get_vocab_size())
   logging.info('Train config: %s', cfg)
   logging.info('Model config: %s', config)
@@ -257,7 +256,7 @@ def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
     'jax_version': jax.__version__,
   }
   with tempfile.TemporaryDirectory() as tmp:
-    files = tokenizer_lib.save_tokenizer(tok, tmp)
+    files = bpe.save_tokenizer(tok, tmp)
     meta_path = os.path.join(tmp, METADATA_FILE)
     with open(meta_path, 'w') as f:
       json.dump(metadata, f, indent=2, sort_keys=True)

@@ -14,7 +14,6 @@ that suite unless a flag says otherwise. The test split is never read.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -39,8 +38,8 @@ def tune(base: RunConfig, suite_dir: str, grid: dict[str, list]) -> dict:
   points = []
   for values in itertools.product(*(grid[n] for n in names)):
     point = dict(zip(names, values))
-    rc = dataclasses.replace(
-      base, **point, output_dir=os.path.join(base.output_dir, _tag(point).replace(':', ''))
+    rc = base.replace(
+      **point, output_dir=os.path.join(base.execution.output_dir, _tag(point).replace(':', ''))
     )
     res = suite_run.run_suite(rc, suite_dir, split='dev')
     entry = {
@@ -52,13 +51,13 @@ def tune(base: RunConfig, suite_dir: str, grid: dict[str, list]) -> dict:
     points.append(entry)
   best_i = max(range(len(points)), key=lambda i: (points[i]['dev_accuracy']['ngd'], -i))
   best = points[best_i]
-  fixed = {'critical_layers': base.critical_layers}
+  fixed = {'critical_layers': base.method.critical_layers}
   return {
     'settings': {**fixed, **{n: best[n] for n in names}},
     'chosen_on': 'dev',
     'criterion': 'pooled NGD accuracy on dev (ties: the earlier grid point)',
     'searched': {n: list(grid[n]) for n in names},
-    'dev_samples_per_benchmark': base.max_test_samples,
+    'dev_samples_per_benchmark': base.data.max_test_samples,
     'grid': points,
   }
 
@@ -72,7 +71,7 @@ def write_settings(suite_dir: str, entry: dict) -> None:
 def main(argv):
   del argv
   F = flags.FLAGS
-  rc = RunConfig(
+  rc = RunConfig.make(
     checkpoint_dir=F.checkpoint_dir,
     benchmark='(suite)',
     reference=('(suite)',),

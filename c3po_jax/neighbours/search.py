@@ -49,14 +49,14 @@ def find(
     raise ValueError('the reference set is empty: no neighbours can be found')
   if k < 1:
     raise ValueError(f'k must be >= 1, got {k}')
-  q, r = unit(queries), unit(references)
+  uq, ur = unit(queries), unit(references)
   width = k if epsilon is None else ball_cap
-  n = min(width, len(r))
-  index = np.full((len(q), width), -1, np.int64)
-  sim = np.zeros((len(q), width), np.float32)
-  valid = np.zeros((len(q), width), bool)
-  for start in range(0, len(q), chunk):
-    s = q[start : start + chunk] @ r.T  # [chunk, R]
+  n = min(width, len(ur))
+  index = np.full((len(uq), width), -1, np.int64)
+  sim = np.zeros((len(uq), width), np.float32)
+  valid = np.zeros((len(uq), width), bool)
+  for start in range(0, len(uq), chunk):
+    s = uq[start : start + chunk] @ ur.T  # [chunk, R]
     s = np.where(s > max_similarity, -np.inf, s)
     top = np.argsort(-s, axis=-1, kind='stable')[:, :n]  # [chunk, n]
     top_s = np.take_along_axis(s, top, axis=-1)

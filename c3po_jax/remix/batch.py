@@ -12,6 +12,9 @@ L layers, E experts, R references, P points of an optimization path.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +23,7 @@ from absl import logging
 from c3po_jax.remix import losses
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix.scoring import make_batch
-from c3po_jax.tasks import encoding as prompting
-
-
-def _pad(items: list, size: int) -> list:
-  return items + [items[-1]] * (size - len(items))
+from c3po_jax.tasks import encoding
 
 
 def pathway_record(cs, w0, w, spec) -> dict:
@@ -39,7 +38,7 @@ def pathway_record(cs, w0, w, spec) -> dict:
 
 def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts):
   """Neighbour batches [Q, N, ...] (prepared), kernel weights [Q, N], routing [Q, N, L, E]."""
-  eng, params, bs = runner.engine, runner.params, runner.rc.batch_size
+  eng, params, bs = runner.engine, runner.params, runner.rc.execution.batch_size
   k = nbh.index.shape[1]
   nb_prompts, nb_w, nb_probs, nb_refs = [], [], [], []
   for i in pidx:
@@ -50,11 +49,13 @@ def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts):
       nb_probs.append(refs.router_probs[int(j) if v else fill])
       nb_refs.append(refs.examples[int(j) if v else fill])
     nb_w.append(np.where(valid, weights[i], 0.0))
-  nc, ml = runner.num_choices, runner.rc.max_len
+  nc, ml = runner.num_choices, runner.rc.model.max_len
   if runner.states is None:
-    flat = make_batch(nb_prompts, num_choices=nc, max_len=ml, position=runner.rc.token_position)
+    flat = make_batch(
+      nb_prompts, num_choices=nc, max_len=ml, position=runner.rc.method.token_position
+    )
   else:  # already prepared: [Q * N, ...]
-    keys = [(e.task, e.id, runner.rc.fmt) for e in nb_refs]
+    keys = [(e.task, e.id, runner.rc.data.fmt) for e in nb_refs]
     flat = runner.states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
   data = runner.shard(jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat))
   if runner.states is None:
@@ -64,63 +65,124 @@ def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts):
   return data, w, runner.shard(probs)
 
 
-def method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_prompts):
-  """Scores [len(idx), C] after `method`, and per-sample extra row fields."""
-  eng, params, bs = runner.engine, runner.params, runner.rc.batch_size
-  n = len(idx)
-  if method == 'icl':
-    fewshot = [
-      [refs.examples[j] for j, v in zip(nbh.index[i][::-1], nbh.valid[i][::-1]) if v] for i in idx
-    ]
-    tests = [
-      prompting.encode(runner.tokenizer, runner.test[i], runner.rc.fmt, fs)
-      for i, fs in zip(idx, fewshot)
-    ]
-    an = jax.device_get(eng.analyze(params, runner.batch(tests)))
-    return an.scores[:n], [{} for _ in idx]
+@dataclasses.dataclass
+class BatchInputs:
+  """One batch of test samples and what the methods need of them.
 
-  pidx = _pad(list(idx), bs)
-  test_batch = runner.batch([prompts[i] for i in pidx])
-  cs = eng.core_slices(runner.shard(base.router_probs[pidx]))
-  seq_probs = runner.shard(base.seq_probs[pidx])  # [Q, S, L, E]
-  w0 = jax.vmap(pw_lib.base_weights)(cs)
-  extras = [{} for _ in idx]
-  tests = None  # the test samples' prefix states, for the accuracy after each step
-  if method in ('ngd', 'oracle') and runner.rc.token_position == 'last':
-    tests = eng.prepare_tests(params, test_batch)
-  if method == 'mode_finding':
-    valid = jnp.ones((len(refs),), bool)
-    out = eng.mode_finding(cs, jnp.asarray(refs.router_probs), valid)
-  elif method == 'oracle':
-    if tests is not None and eng.loss_backend is losses.PrefixLoss:
-      data = tests
-    else:
-      data = eng.prepare(params, jax.tree.map(lambda x: x[:, None], test_batch))  # [Q, 1, ...]
-    out = eng.oracle(params, cs, data, seq_probs)
+  idx: the samples' indices (len n); pidx: idx padded to the batch size Q.
+  """
+
+  runner: object  # the run's Runner: engine, params, tokenizer, batching
+  idx: list[int]
+  pidx: list[int]
+  prompts: list  # every test sample's encoded prompt
+  base: object  # the base PromptsAnalysis (runner) of every test sample
+  refs: object  # the ReferenceSet, or None
+  nbh: object  # neighbours of every test sample
+  weights: np.ndarray  # [num_test, N] kernel weights
+  ref_prompts: list  # every reference's encoded prompt
+  test_batch: object = None  # ChoiceBatch [Q, ...]
+  cs: object = None  # CoreSlice [Q, ...]
+  seq_probs: object = None  # [Q, S, L, E]
+  tests: object = None  # the test samples' prefix states [Q, 1, ...] (ngd, oracle), or None
+
+
+def _mode_finding(b: BatchInputs):
+  eng, refs = b.runner.engine, b.refs
+  return eng.mode_finding(b.cs, jnp.asarray(refs.router_probs), jnp.ones((len(refs),), bool))
+
+
+def _oracle(b: BatchInputs):
+  eng, params = b.runner.engine, b.runner.params
+  if b.tests is not None and eng.loss_backend is losses.PrefixLoss:
+    data = b.tests
   else:
-    data, w, probs = _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts)
-    if method == 'ngd':
-      out = eng.ngd(params, cs, data, w)
-    else:
-      out = eng.kernel_regression(params, cs, data, w, eng.neighbour_weights(cs, probs))
+    data = eng.prepare(params, jax.tree.map(lambda x: x[:, None], b.test_batch))  # [Q, 1, ...]
+  return eng.oracle(params, b.cs, data, b.seq_probs)
+
+
+def _ngd(b: BatchInputs):
+  data, w, _ = _neighbour_data(b.runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts)
+  return b.runner.engine.ngd(b.runner.params, b.cs, data, w)
+
+
+def _kernel_regression(b: BatchInputs):
+  eng = b.runner.engine
+  data, w, probs = _neighbour_data(b.runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts)
+  return eng.kernel_regression(b.runner.params, b.cs, data, w, eng.neighbour_weights(b.cs, probs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Remix:
+  """A re-mixing method: how it runs on a batch, and what its rows report."""
+
+  run: Callable[[BatchInputs], object]  # -> engine.Outcome
+  needs_neighbours: bool = True  # without any, the sample keeps its base pathway
+  path: bool = False  # an optimization path: accuracy after each step is reported
+
+
+# The re-mixing methods by name (`icl` changes no pathway: see `method_batch`).
+REMIX = {
+  'mode_finding': Remix(_mode_finding, needs_neighbours=False),  # the whole reference set
+  'kernel_regression': Remix(_kernel_regression),
+  'ngd': Remix(_ngd, path=True),
+  'oracle': Remix(_oracle, needs_neighbours=False, path=True),  # the sample's own label
+}
+
+
+def _icl(b: BatchInputs):
+  """Scores [n, C] of the test samples with their neighbours as in-context examples."""
+  runner, refs, nbh = b.runner, b.refs, b.nbh
+  fewshot = [
+    [refs.examples[j] for j, v in zip(nbh.index[i][::-1], nbh.valid[i][::-1]) if v] for i in b.idx
+  ]
+  tests = [
+    encoding.encode(runner.tokenizer, runner.test[i], runner.rc.data.fmt, fs)
+    for i, fs in zip(b.idx, fewshot)
+  ]
+  an = jax.device_get(runner.engine.analyze(runner.params, runner.batch(tests)))
+  return an.scores[: len(b.idx)], [{} for _ in b.idx]
+
+
+def method_batch(method: str, b: BatchInputs):
+  """Scores [n, C] after `method` on batch b, and per-sample extra row fields."""
+  if method == 'icl':
+    return _icl(b)
+  remix = REMIX[method]
+  runner = b.runner
+  eng, params = runner.engine, runner.params
+  b.test_batch = runner.batch([b.prompts[i] for i in b.pidx])
+  b.cs = eng.core_slices(runner.shard(b.base.router_probs[b.pidx]))
+  b.seq_probs = runner.shard(b.base.seq_probs[b.pidx])  # [Q, S, L, E]
+  if remix.path and runner.rc.method.token_position == 'last':
+    b.tests = eng.prepare_tests(params, b.test_batch)
+  out = remix.run(b)
+  an = jax.device_get(eng.analyze_remixed(params, b.test_batch, b.cs, out.trace.w, b.seq_probs))
+  return an.scores[: len(b.idx)], _extras(method, remix, b, out)
+
+
+def _extras(method: str, remix: Remix, b: BatchInputs, out) -> list[dict]:
+  """Per-sample row fields: pathway before/after, losses, step accuracy, fallbacks."""
+  runner, eng = b.runner, b.runner.engine
   trace = out.trace
-  an = jax.device_get(eng.analyze_remixed(params, test_batch, cs, trace.w, seq_probs))
+  w0 = jax.vmap(pw_lib.base_weights)(b.cs)
   step_correct = None
-  if tests is not None:
-    path_scores = np.asarray(eng.path_scores(params, cs, tests, seq_probs, trace.path))  # [Q, P, C]
-    gold = np.asarray([runner.test[i].gold for i in pidx])
-    step_correct = np.argmax(path_scores, axis=-1) == gold[:, None]
+  if b.tests is not None:
+    path = eng.path_scores(runner.params, b.cs, b.tests, b.seq_probs, trace.path)  # [Q, P, C]
+    gold = np.asarray([runner.test[i].gold for i in b.pidx])
+    step_correct = np.argmax(np.asarray(path), axis=-1) == gold[:, None]
   finite = np.asarray(trace.finite)
   loss_trace = np.asarray(trace.losses)
   topk_new, delta = np.asarray(out.topk_new), np.asarray(out.mean_abs_delta)
-  for j, i in enumerate(idx):
-    ex = extras[j]
-    has_nb = method in ('oracle', 'mode_finding') or bool(nbh.valid[i].any())
+  extras = []
+  for j, i in enumerate(b.idx):
+    ex = {}
+    has_nb = not remix.needs_neighbours or bool(b.nbh.valid[i].any())
     if not has_nb:  # nothing to learn from: the pathway stays the base one
       ex['fallback'] = 'no_neighbours'
     elif not finite[j]:
       ex['fallback'] = 'nan'
-      logging.warning('%s: non-finite step for %s; fell back to the base pathway', method, pidx[j])
+      logging.warning('%s: non-finite step for %s; fell back to the base pathway', method, i)
     if method == 'kernel_regression':
       ex['alpha'] = float(out.alpha[j])
       if loss_trace.shape[-1] > 1:  # alpha searched: the grid ends at alpha = 1 (base)
@@ -135,6 +197,7 @@ def method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_pro
       ex['step_correct'] = step_correct[j].tolist()
     ex['topk_new'] = round(float(topk_new[j]), 4)
     ex['mean_abs_delta'] = round(float(delta[j]), 6)
-    cs_j = jax.tree.map(lambda x, j=j: x[j], cs)
+    cs_j = jax.tree.map(lambda x, j=j: x[j], b.cs)
     ex['pathway'] = pathway_record(cs_j, w0[j], trace.w[j], eng.ec.spec)
-  return an.scores[:n], extras
+    extras.append(ex)
+  return extras

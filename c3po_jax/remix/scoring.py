@@ -11,7 +11,6 @@ Tc continuation tokens per choice, D model, V vocab, L layers, E experts.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import flax.struct
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from c3po_jax.tasks.encoding import EncodedPrompt
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 
@@ -35,26 +35,6 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     if n <= b:
       return b
   raise ValueError(f'length {n} exceeds the largest bucket {buckets[-1]}')
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodedPrompt:
-  """One tokenized multiple-choice sample.
-
-  fmt 'mc': `continuations` are single answer-letter tokens, predicted at the
-  last context token. fmt 'rc': each continuation is appended to the context.
-  """
-
-  context: tuple[int, ...]
-  continuations: tuple[tuple[int, ...], ...]
-  gold: int
-  cont_chars: tuple[int, ...]  # characters of each continuation (acc_norm)
-  fmt: str
-  # rc only: per-choice contexts (WinoGrande's partial scoring); else None.
-  choice_contexts: tuple[tuple[int, ...], ...] | None = None
-
-  def context_of(self, choice: int) -> tuple[int, ...]:
-    return self.context if self.choice_contexts is None else self.choice_contexts[choice]
 
 
 @flax.struct.dataclass
@@ -74,6 +54,11 @@ class ChoiceBatch:
   @property
   def size(self) -> int:
     return self.tokens.shape[0]
+
+
+def pad_to(items: list, size: int) -> list:
+  """items with the last one repeated up to size (a fixed batch shape)."""
+  return items + [items[-1]] * (size - len(items))
 
 
 def truncate_context(context: Sequence[int], max_len: int) -> tuple[int, ...]:

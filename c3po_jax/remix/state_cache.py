@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from c3po_jax.remix import scoring
+from c3po_jax.tasks.encoding import EncodedPrompt
 
 
 def _pow2_at_least(n: int) -> int:
@@ -54,7 +55,7 @@ class StateCache:
     self,
     params,
     keys: Sequence[Hashable],
-    prompts: Sequence[scoring.EncodedPrompt],
+    prompts: Sequence[EncodedPrompt],
     *,
     num_choices: int,
     max_len: int,

@@ -1,7 +1,7 @@
 """Running C3PO from Python, without the command line.
 
   import c3po_jax
-  rc = c3po_jax.RunConfig(
+  rc = c3po_jax.RunConfig.make(
       checkpoint_dir='checkpoints/olmoe-1b-7b-0924',
       benchmark='arc_challenge',
       reference=('openbookqa', 'sciq'),
@@ -14,7 +14,7 @@
   result.pathways('ngd')  # {sample id: the re-mixed pathway record}
 
 `run` is exactly what `python -m c3po_jax.main` does for one benchmark (the
-same files are written to rc.output_dir, the same checks apply); it returns
+same files are written to rc.execution.output_dir, the same checks apply); it returns
 the rows instead of printing only the table.
 """
 
@@ -60,5 +60,5 @@ def run(config: RunConfig) -> RunResult:
   from c3po_jax.run import pipeline  # the model stack loads only when a run starts
 
   summary = pipeline.run(config)
-  rows = results.read_rows(os.path.join(config.output_dir, results.RESULTS_FILE))
-  return RunResult(summary=summary, rows=rows, output_dir=config.output_dir)
+  rows = results.read_rows(os.path.join(config.execution.output_dir, results.RESULTS_FILE))
+  return RunResult(summary=summary, rows=rows, output_dir=config.execution.output_dir)

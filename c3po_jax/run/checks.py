@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 from c3po_jax.ckpts import checkpoint
 
@@ -17,8 +18,9 @@ def _fail(flag: str, value, why: str):
   raise ValueError(f'--{flag}={value}: {why}')
 
 
-def check_ranges(rc) -> None:
-  """Raises ValueError on the first value of rc out of its range."""
+def check_ranges(config) -> None:
+  """Raises ValueError on the first value of a RunConfig out of its range."""
+  rc = types.SimpleNamespace(**config.flat())
   for flag, value in (('lr', rc.lr), ('lr_end', rc.lr_end), ('max_similarity', rc.max_similarity)):
     if not math.isfinite(value):
       _fail(flag, value, 'must be a finite number')
@@ -57,7 +59,7 @@ def check_ranges(rc) -> None:
       checkpoint.param_dtype(rc.dtype)
     except ValueError as e:
       _fail('dtype', rc.dtype, str(e))
-  if getattr(rc, 'resume', False) and getattr(rc, 'overwrite', False):
+  if rc.resume and rc.overwrite:
     raise ValueError('--resume and --overwrite exclude each other: continue the run, or replace it')
 
 

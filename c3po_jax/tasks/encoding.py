@@ -1,12 +1,32 @@
-"""Examples -> formatted prompts -> token ids (`scoring.EncodedPrompt`)."""
+"""Examples -> formatted prompts -> token ids (`EncodedPrompt`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
-from c3po_jax.remix.scoring import EncodedPrompt
 from c3po_jax.tasks import Example, format_example
 from c3po_jax.tasks.tokenizer import encode_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+  """One tokenized multiple-choice sample.
+
+  fmt 'mc': `continuations` are single answer-letter tokens, predicted at the
+  last context token. fmt 'rc': each continuation is appended to the context.
+  """
+
+  context: tuple[int, ...]
+  continuations: tuple[tuple[int, ...], ...]
+  gold: int
+  cont_chars: tuple[int, ...]  # characters of each continuation (acc_norm)
+  fmt: str
+  # rc only: per-choice contexts (WinoGrande's partial scoring); else None.
+  choice_contexts: tuple[tuple[int, ...], ...] | None = None
+
+  def context_of(self, choice: int) -> tuple[int, ...]:
+    return self.context if self.choice_contexts is None else self.choice_contexts[choice]
 
 
 def encode(tokenizer, example: Example, fmt: str, fewshot: Sequence[Example] = ()) -> EncodedPrompt:

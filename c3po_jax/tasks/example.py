@@ -1,4 +1,4 @@
-"""One multiple-choice question, task-neutral, and the errors raised on bad data.
+"""One multiple-choice question, task-neutral (bad data raises `common.errors`' TaskDataError).
 
 An `Example` holds the data only (the question as given and its choices);
 how it is shown to a model is `prompts.format_example`'s business.
@@ -7,28 +7,6 @@ how it is shown to a model is `prompts.format_example`'s business.
 from __future__ import annotations
 
 import dataclasses
-
-
-class TaskDataError(ValueError):
-  """A malformed row in a benchmark file: names the file, the row and the fault.
-
-  Attributes:
-    path: the file (or hub dataset) the row came from.
-    line: 1-based line (JSONL) or row (Parquet, Arrow, hub) number; None when
-      the fault is not tied to one row.
-    reason: what is wrong.
-  """
-
-  def __init__(self, path: str, line: int | None, reason: str, *, unit: str = 'line'):
-    self.path = str(path)
-    self.line = line
-    self.reason = reason
-    where = self.path if line is None else f'{self.path}, {unit} {line}'
-    super().__init__(f'{where}: {reason}')
-
-
-class TaskSourceError(RuntimeError):
-  """No source can serve the requested benchmark split (nothing offline, no hub)."""
 
 
 @dataclasses.dataclass(frozen=True)

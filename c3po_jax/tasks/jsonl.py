@@ -18,7 +18,8 @@ import json
 import os
 from collections.abc import Iterable
 
-from c3po_jax.tasks.example import Example, TaskDataError
+from c3po_jax.common.errors import TaskDataError
+from c3po_jax.tasks.example import Example
 from c3po_jax.tasks.rows import JSONL_SUFFIXES, read_rows
 
 _REQUIRED = ('id', 'question', 'choices', 'answer')

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from c3po_jax.common.errors import TaskSourceError
 from c3po_jax.tasks import olmo_eval_files, registry
-from c3po_jax.tasks.example import Example, TaskSourceError
+from c3po_jax.tasks.example import Example
 from c3po_jax.tasks.jsonl import read_jsonl
 from c3po_jax.tasks.rows import Row, is_jsonl, is_table, read_rows, split_files
 
@@ -175,3 +176,44 @@ def benchmark_table() -> list[dict]:
       }
     )
   return out
+
+
+def is_generic(name: str) -> bool:
+  """A generic multiple-choice JSONL file (the file is the split), not a registry name."""
+  return name.endswith(('.jsonl', '.jsonl.gz')) or name.startswith('jsonl:')
+
+
+def resolve_test_split(name: str, split: str | None) -> str | None:
+  """The test split a run of benchmark `name` uses (None for a generic file)."""
+  if is_generic(name):
+    return None
+  return split or registry.resolve(name)[0].test_split
+
+
+def load_references(
+  names, split: str | None = None, max_samples: int | None = None
+) -> tuple[list[Example], list[dict]]:
+  """The reference pool of several sources, and per source the split used and its size.
+
+  max_samples is split evenly over the sources. Without a split each registry
+  source takes its first labelled non-test split that is available.
+  """
+  per = None if max_samples is None else max(1, max_samples // len(names))
+  pool, used = [], []
+  for name in names:
+    splits = [split]
+    if split is None and not is_generic(name):
+      spec, _ = registry.resolve(name)
+      splits = list(spec.reference_splits) or [None]
+    for i, each in enumerate(splits):
+      try:
+        got = load_examples(name, split=each, limit=per)
+        break
+      except TaskSourceError:
+        if i == len(splits) - 1:
+          raise
+    if not got:
+      raise ValueError(f'reference source {name!r} has no samples (split {each!r})')
+    pool.extend(got)
+    used.append({'source': name, 'split': None if is_generic(name) else each, 'size': len(got)})
+  return pool, used

@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from c3po_jax.tasks.example import TaskSourceError
+from c3po_jax.common.errors import TaskSourceError
 from c3po_jax.tasks.registry import MMLU_SUBJECTS
 from c3po_jax.tasks.rows import Row, read_rows
 

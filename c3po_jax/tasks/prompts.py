@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from c3po_jax.tasks.example import Example
 
 FORMATS = ('rc', 'mc')
-_LETTERS = string.ascii_uppercase
+LETTERS = string.ascii_uppercase
 _FEWSHOT_SEPARATOR = '\n\n'
 
 
@@ -114,10 +114,10 @@ def _question(example: Example, fmt: str, prefix: str) -> Prompt:
   """The example alone (no demonstrations), its context starting with `prefix`."""
   style = _STYLES.get(example.task, _DEFAULT)
   if fmt == 'mc':
-    if len(example.choices) > len(_LETTERS):
-      raise ValueError(f'mc format supports at most {len(_LETTERS)} choices')
+    if len(example.choices) > len(LETTERS):
+      raise ValueError(f'mc format supports at most {len(LETTERS)} choices')
     stem = example.context.replace('_', '___') if style.blank else example.context
-    letters = _LETTERS[: len(example.choices)]
+    letters = LETTERS[: len(example.choices)]
     options = '\n'.join(f' {k}. {c}' for k, c in zip(letters, example.choices))
     if style.mc_collapse_spaces:
       options = options.replace('  ', ' ')
@@ -152,3 +152,16 @@ def format_example(example: Example, fmt: str, *, fewshot: Sequence[Example] = (
     raise ValueError(f'unknown prompt format {fmt!r}; want one of {FORMATS}')
   demos = ''.join(_question(d, fmt, '').gold_text + _FEWSHOT_SEPARATOR for d in fewshot)
   return _question(example, fmt, _description(example) + demos)
+
+
+def format_question(
+  question: str, choices: Sequence[str], fmt: str, task: str = 'generic'
+) -> tuple[str, list[str]]:
+  """(context, one continuation per choice) of a bare question in format fmt.
+
+  The strings of `format_example` for a task with the default style (the
+  embedded demo trains its model on exactly these).
+  """
+  ex = Example(id='', task=task, context=question, choices=tuple(choices), gold=0)
+  prompt = format_example(ex, fmt)
+  return prompt.context, list(prompt.continuations)

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from c3po_jax.tasks.example import TaskDataError
+from c3po_jax.common.errors import TaskDataError
 
 JSONL_SUFFIXES = ('.jsonl', '.jsonl.gz')
 TABLE_SUFFIXES = ('.parquet', '.arrow')

@@ -146,11 +146,9 @@ class OlmoeConfig:
     }
 
 
-# allenai/OLMoE-1B-7B-0924: 6.9B parameters, 1.3B active.
-OLMOE_1B_7B_0924 = OlmoeConfig(clip_qkv=None)
-
-# allenai/OLMoE-1B-7B-0125-Instruct: the same architecture, a later data mix.
-OLMOE_1B_7B_0125_INSTRUCT = OlmoeConfig()
+# allenai/OLMoE-1B-7B-0924: 6.9B parameters, 1.3B active. OLMoE-1B-7B-0125(-Instruct)
+# has the same architecture (a later data mix): one config for both.
+OLMOE_1B_7B_0924 = OlmoeConfig()
 
 # A tiny configuration for unit tests (GQA, 8 experts, top-2).
 TINY = OlmoeConfig(
@@ -182,7 +180,7 @@ BENCH = OlmoeConfig(
 
 PRESETS: dict[str, OlmoeConfig] = {
   'olmoe-1b-7b-0924': OLMOE_1B_7B_0924,
-  'olmoe-1b-7b-0125-instruct': OLMOE_1B_7B_0125_INSTRUCT,
+  'olmoe-1b-7b-0125-instruct': OLMOE_1B_7B_0924,
   'tiny': TINY,
   'bench': BENCH,
 }

@@ -1,7 +1,7 @@
 """A small multiple-choice scorer for the demo model (a training diagnostic, not the engine).
 
 Each (question, choice) pair is one sequence: the prompt's context followed by
-the choice's continuation (see prompts.format_question); its score is the
+the choice's continuation (see format_question); its score is the
 summed log-probability of the continuation tokens, and a question's prediction
 is the argmax over its choices (lm-eval's 'acc'). Sequences are right-padded
 into one fixed [B, T] shape so the forward compiles once.
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c3po_jax.demo import prompts
+from c3po_jax.tasks.prompts import format_question
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 
@@ -52,7 +52,7 @@ def choice_log_probs(
   """Per record, [C] summed log-probabilities of its choices' continuations."""
   contexts, conts, owner = [], [], []
   for i, r in enumerate(records):
-    context, continuations = prompts.format_question(r['question'], r['choices'], fmt)
+    context, continuations = format_question(r['question'], r['choices'], fmt)
     contexts += [context] * len(continuations)
     conts += continuations
     owner += [i] * len(continuations)

@@ -15,11 +15,13 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from c3po_jax.demo import prompts
-
 PAD = '<|pad|>'
 EOS = '<|endoftext|>'
 SPECIAL_TOKENS = (PAD, EOS)  # ids 0 and 1
+
+
+# The mc answer letters of the demo (it asks 2 to 5 choices): single tokens.
+LETTERS = 'ABCDE'
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
@@ -43,8 +45,8 @@ def letter_token_ids(tokenizer) -> list[int]:
   Accepts a `tokenizers.Tokenizer` or a transformers tokenizer.
   """
   ids = []
-  for i in range(len(prompts.LETTERS)):
-    text = prompts.answer_text(i)
+  for i in range(len(LETTERS)):
+    text = ' ' + LETTERS[i]
     if isinstance(tokenizer, Tokenizer):
       enc = tokenizer.encode(text).ids
     else:

@@ -1,0 +1,225 @@
+"""The model of a run and the passes over many prompts: built once, used by every benchmark.
+
+`Runner.open(rc)` loads the checkpoint (each leaf straight into its shard on
+a mesh), builds the engine (its jitted methods compile once per shape and
+are reused by every benchmark of a suite) and the neighbour-state cache.
+`begin(test, num_choices)` points it at one benchmark's samples.
+
+Dimensions: n prompts, C choices, S sequences per prompt, L layers, E experts,
+De embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from c3po_jax.ckpts.checkpoint import load_checkpoint
+from c3po_jax.ckpts.hf_snapshot import read_config
+from c3po_jax.neighbours import embedding, references
+from c3po_jax.remix import engine, losses, methods
+from c3po_jax.remix import pathway as pw_lib
+from c3po_jax.remix.scoring import ChoiceBatch, make_batch, pad_to, predictions
+from c3po_jax.remix.state_cache import StateCache
+from c3po_jax.run import mesh as mesh_lib
+from c3po_jax.run.config import RunConfig
+from c3po_jax.tasks import Example, encoding
+from c3po_jax.tasks.encoding import EncodedPrompt
+from c3po_jax.tasks.tokenizer import load_tokenizer
+
+
+class MissingCheckpointError(FileNotFoundError):
+  pass
+
+
+def load_model(rc: RunConfig, mesh=None):
+  """(model config, params, tokenizer) of rc's checkpoint."""
+  path = os.path.expanduser(rc.model.checkpoint_dir)
+  if not os.path.isdir(path):
+    raise MissingCheckpointError(
+      f'no checkpoint at {path!r}. Convert a Hugging Face OLMoE snapshot first:\n'
+      f'  python -m c3po_jax.ckpts.convert --hf_dir=PATH/TO/OLMoE-1B-7B-0924 --output_dir={path}\n'
+      '(or pass --checkpoint_dir=PATH to a local HF snapshot directory, converted in memory)'
+    )
+  shardings = None
+  if mesh is not None:  # Orbax restores each leaf straight into its sharding
+    shardings = mesh_lib.param_shardings(read_config(path), mesh)
+  config, params = load_checkpoint(path, dtype=rc.model.dtype, shardings=shardings)
+  has_tok = os.path.exists(os.path.join(path, 'tokenizer.json'))
+  tokenizer = load_tokenizer(path if has_tok else None)
+  return config, params, tokenizer
+
+
+@dataclasses.dataclass
+class PromptsAnalysis:
+  """A pass over many prompts (numpy, n first): `scoring.Analysis` of each batch, joined."""
+
+  scores: np.ndarray  # [n, C]
+  cont_chars: np.ndarray  # [n, C]
+  embeddings: np.ndarray  # [n, De]
+  router_probs: np.ndarray  # [n, L, E]
+  seq_probs: np.ndarray  # [n, S, L, E] each sequence's routing at its last context token
+
+
+def backend_name(rc: RunConfig) -> str:
+  """The loss backend: the prefix cache needs the re-mixed token to be the last one."""
+  position = rc.method.token_position
+  if rc.execution.ngd_backend == 'prefix' and position != 'last':
+    logging.warning(
+      '--token_position=%s: the prefix-cached loss covers the last token only; '
+      'using the naive backend',
+      position,
+    )
+    return 'naive'
+  return rc.execution.ngd_backend
+
+
+def make_engine(rc: RunConfig, config) -> engine.Engine:
+  m = rc.method
+  spec = pw_lib.PathwaySpec.make(
+    config.num_hidden_layers, config.num_experts, m.critical_layers, m.core_experts
+  )
+  # The method's hyper-parameters: its fields are settings of the run's method group.
+  mc = methods.MethodConfig(
+    **{f.name: getattr(m, f.name) for f in dataclasses.fields(methods.MethodConfig)}
+  )
+  ec = engine.EngineConfig(
+    spec=spec,
+    method=mc,
+    loss=m.loss,
+    opt_pathway_mode=m.opt_pathway_mode,
+    eval_pathway_mode=m.eval_pathway_mode,
+  )
+  return engine.Engine(config, ec, loss_backend=losses.BACKENDS[backend_name(rc)])
+
+
+class Runner:
+  """The model, engine and caches of a run; batched passes over prompts."""
+
+  def __init__(self, rc: RunConfig, config, params, tokenizer, mesh=None):
+    self.rc, self.config, self.params, self.tokenizer = rc, config, params, tokenizer
+    self.mesh = mesh
+    self.engine = make_engine(rc, config)
+    # Prepared neighbour states of recurring references, by (task, id, fmt).
+    self.states = None
+    if backend_name(rc) == 'prefix' and rc.execution.prefix_cache_size:
+      fit = self.engine.loss_backend.fit
+      self.states = StateCache(self.engine.prepare, fit, rc.execution.prefix_cache_size)
+    self.encoder = None
+    if rc.neighbourhood.embedder != 'moe':
+      n = rc.neighbourhood
+      self.encoder = embedding.EncoderEmbedder(
+        n.embedder, pooling=n.embedder_pooling, prefix=n.embedder_prefix
+      )
+    self.num_choices = 2
+    self.test: list[Example] = []
+
+  @classmethod
+  def open(cls, rc: RunConfig, mesh=None) -> Runner:
+    """Loads rc's checkpoint and builds everything that runs on it."""
+    config, params, tokenizer = load_model(rc, mesh)
+    logging.info('model: %s', config)
+    return cls(rc, config, params, tokenizer, mesh)
+
+  def begin(self, test: list[Example], num_choices: int) -> None:
+    """Points the runner at one benchmark: its (this process's) samples, choices per sample."""
+    self.test, self.num_choices = test, num_choices
+
+  # ---- passes over many prompts ----
+  def encode(self, examples, fewshot=None) -> list[EncodedPrompt]:
+    fmt = self.rc.data.fmt
+    return [
+      encoding.encode(self.tokenizer, e, fmt, fewshot[i] if fewshot else ())
+      for i, e in enumerate(examples)
+    ]
+
+  def batch(self, prompts, size=None) -> ChoiceBatch:
+    size = size or self.rc.execution.batch_size
+    return self.shard(
+      make_batch(
+        pad_to(prompts, size),
+        batch_size=size,
+        num_choices=self.num_choices,
+        max_len=self.rc.model.max_len,
+        position=self.rc.method.token_position,
+      )
+    )
+
+  def shard(self, tree):
+    """Per-sample arrays [Q, ...] split over the mesh's data axis."""
+    return tree if self.mesh is None else mesh_lib.shard_batch(tree, self.mesh)
+
+  def analyze(self, examples, prompts, desc) -> PromptsAnalysis:
+    bs = self.rc.execution.batch_size
+    out = {k: [] for k in ('scores', 'chars', 'hidden', 'logits', 'probs', 'seq_probs')}
+    for i in tqdm(range(0, len(prompts), bs), desc=desc, unit='batch'):
+      chunk = prompts[i : i + bs]
+      b = self.batch(chunk)
+      an = jax.device_get(self.engine.analyze(self.params, b))
+      n = len(chunk)
+      out['scores'].append(an.scores[:n])
+      out['chars'].append(np.asarray(b.cont_chars)[:n])
+      out['hidden'].append(an.last_hidden[:n])
+      out['logits'].append(an.router_logits[:n])
+      out['probs'].append(an.router_probs[:n])
+      out['seq_probs'].append(an.seq_router_probs[:n])
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    if self.encoder is None:
+      emb = embedding.moe_embedding(cat['hidden'], cat['logits'])
+    else:
+      emb = self.encoder([e.context for e in examples])
+    return PromptsAnalysis(
+      cat['scores'],
+      cat['chars'],
+      emb,
+      cat['probs'].astype(np.float32),
+      cat['seq_probs'].astype(np.float32),
+    )
+
+  def reference_set(self, pool: list[Example]) -> references.ReferenceSet:
+    """The pool's correctly answered samples with their embeddings and routing (cached)."""
+    if not pool:
+      raise ValueError('the reference pool is empty: check --reference / --max_reference_samples')
+    n = self.rc.neighbourhood
+    parts = {
+      'model': references.params_fingerprint(self.params),
+      'config': dataclasses.asdict(self.config),
+      'data': references.examples_fingerprint(pool),
+      'fmt': self.rc.data.fmt,
+      'embedder': n.embedder,
+      'embedder_pooling': n.embedder_pooling,
+      'embedder_prefix': n.embedder_prefix,
+      'token_position': self.rc.method.token_position,
+      'max_len': self.rc.model.max_len,
+      'version': 1,
+    }
+    key = references.cache_key(parts)
+    cache_dir = os.path.expanduser(self.rc.execution.cache_dir)
+    routing = (self.config.num_hidden_layers, self.config.num_experts)
+    cached = references.load_cached(cache_dir, key, pool, routing)
+    if cached is not None:
+      logging.info('reusing reference set %s (%d kept)', key, len(cached))
+      return cached
+    an = self.analyze(pool, self.encode(pool), 'references')
+    pred, _ = predictions(an.scores, an.cont_chars)
+    keep = np.flatnonzero(pred == np.asarray([e.gold for e in pool]))
+    refs = references.ReferenceSet(
+      examples=[pool[i] for i in keep],
+      embeddings=an.embeddings[keep],
+      router_probs=an.router_probs[keep],
+      key=key,
+      num_candidates=len(pool),
+    )
+    if len(refs) == 0:
+      raise ValueError(
+        f'the base model answers none of the {len(pool)} reference samples correctly: '
+        'the reference set is empty'
+      )
+    if jax.process_index() == 0:  # one writer when processes share cache_dir
+      references.save(cache_dir, refs, parts)
+    return refs
