@@ -25,8 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from c3po_jax.remix.scoring import TOKEN_BUCKETS, bucket
-from c3po_jax.tasks import encoding as prompting
-from c3po_jax.tasks import load_examples
+from c3po_jax.tasks import encoding, load_examples
 from c3po_jax.tasks.tokenizer import load_tokenizer
 from models.olmoe.config import OLMOE_1B_7B_0924 as CFG
 
@@ -89,7 +88,7 @@ def benchmark_cost(tok, name: str, refs, rng) -> dict:
   b, k, steps = F.batch_size, F.k, F.steps
   test = load_examples(name)
   pool = [e for src, split in refs[0] for e in load_examples(src, split=split)]
-  enc = lambda e, fs=(): min(len(prompting.encode(tok, e, 'mc', fs).context), 2048)
+  enc = lambda e, fs=(): min(len(encoding.encode(tok, e, 'mc', fs).context), 2048)
   lt = [enc(e) for e in test]
   lr = [enc(e) for e in pool]
   nb = rng.integers(0, len(pool), (len(test), k))  # [n, k]

@@ -11,9 +11,8 @@ import time
 from absl import app, flags, logging
 
 from c3po_jax.common import cli, errors
-from c3po_jax.run import checks as flag_checks
+from c3po_jax.run import checks, pipeline
 from c3po_jax.run import config as run_config
-from c3po_jax.run import pipeline
 from c3po_jax.run import suite as suite_run
 from c3po_jax.run.config import METHODS, RunConfig
 from c3po_jax.tasks import registry
@@ -70,7 +69,7 @@ def main(argv):
     rc = run_config.from_flags(F, **named)
     if suite:
       rc = apply_suite_settings(rc, suite)
-      flag_checks.check_suite(suite, suite_run.read_suite(suite), F.suite_split)
+      checks.check_suite(suite, suite_run.read_suite(suite), F.suite_split)
   logging.info('run config: %s', rc)
   if suite:
     suite_run.run_suite(rc, suite, F.suite_split)

@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
-from engine_utils import make_checkpoint
 
 import c3po_jax
 from c3po_jax.run import output as run_output
 from c3po_jax.run import results
+from c3po_jax.testing.checkpoints import make_checkpoint
 
 
 def test_run_returns_predictions_pathways_and_provenance(tmp_path):

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from engine_utils import make_checkpoint
 
 from c3po_jax.run import pipeline, results, runner
 from c3po_jax.run.config import RunConfig
+from c3po_jax.testing.checkpoints import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_utils import hf_tensor_shapes, make_hf_model, save_hf_model
 
 from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
+from c3po_jax.testing.hf_models import hf_tensor_shapes, make_hf_model, save_hf_model
 from models.olmoe import hf_mapping as param_mapping
 from models.olmoe import transformer
 from models.olmoe.config import OLMOE_1B_7B_0924

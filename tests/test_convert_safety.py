@@ -15,9 +15,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from hf_utils import make_hf_model, save_hf_model
 
 from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
+from c3po_jax.testing.hf_models import make_hf_model, save_hf_model
 
 CheckpointError = checkpoint.CheckpointError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

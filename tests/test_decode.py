@@ -1,11 +1,11 @@
 """Prefill + KV-cache decode against the full forward and transformers' generate."""
 
-import hf_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from c3po_jax.testing import hf_models
 from models.olmoe import decode, transformer
 from models.olmoe.config import TINY
 
@@ -110,8 +110,8 @@ def test_generate_padded_matches_uncached_greedy():
 
 def test_generate_matches_transformers():
   torch = pytest.importorskip('torch')
-  model, _ = hf_utils.make_hf_model(seed=0)
-  config, params = hf_utils.params_from_torch(model)
+  model, _ = hf_models.make_hf_model(seed=0)
+  config, params = hf_models.params_from_torch(model)
   rng = np.random.default_rng(0)
   ids = rng.integers(3, config.vocab_size, (3, 8)).astype(np.int32)
   steps = 10

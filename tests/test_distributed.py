@@ -23,7 +23,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from c3po_jax.ckpts.checkpoint import save_checkpoint
-from c3po_jax.run import mesh as distributed
+from c3po_jax.run import mesh as mesh_lib
 from c3po_jax.run import results
 from models.olmoe import transformer
 from models.olmoe.config import OLMOE_1B_7B_0924, OlmoeConfig
@@ -65,17 +65,17 @@ TIMEOUT = 420
 
 
 def test_parse_mesh_shape():
-  assert distributed.parse_mesh_shape(None) == {}
-  assert distributed.parse_mesh_shape('') == {}
-  assert distributed.parse_mesh_shape('data:4, expert:2') == {'data': 4, 'expert': 2}
-  assert distributed.parse_mesh_shape('expert:-1') == {'expert': -1}
+  assert mesh_lib.parse_mesh_shape(None) == {}
+  assert mesh_lib.parse_mesh_shape('') == {}
+  assert mesh_lib.parse_mesh_shape('data:4, expert:2') == {'data': 4, 'expert': 2}
+  assert mesh_lib.parse_mesh_shape('expert:-1') == {'expert': -1}
   for bad in ('data', 'data:x', 'batch:2', 'data:0', 'data:2,data:2', 'data:-1,expert:-1'):
     with pytest.raises(ValueError):
-      distributed.parse_mesh_shape(bad)
+      mesh_lib.parse_mesh_shape(bad)
 
 
 def test_resolve_mesh_sizes():
-  resolve = distributed._resolve
+  resolve = mesh_lib._resolve
   assert resolve({}, 8) == (8, 1, 1)
   assert resolve({'expert': 2}, 8) == (4, 2, 1)
   assert resolve({'data': 2, 'expert': -1}, 8) == (2, 4, 1)
@@ -85,21 +85,21 @@ def test_resolve_mesh_sizes():
 
 
 def test_make_mesh_on_one_device():
-  mesh = distributed.make_mesh(None)
+  mesh = mesh_lib.make_mesh(None)
   assert dict(mesh.shape) == {'data': 1, 'expert': 1, 'model': 1}
   with pytest.raises(ValueError, match='needs 2 devices'):
-    distributed.make_mesh('data:2')
+    mesh_lib.make_mesh('data:2')
 
 
 def test_check_batch_size():
-  mesh = AbstractMesh((4, 2, 1), distributed.MESH_AXES)
-  distributed.check_batch_size(8, mesh)
+  mesh = AbstractMesh((4, 2, 1), mesh_lib.MESH_AXES)
+  mesh_lib.check_batch_size(8, mesh)
   with pytest.raises(ValueError, match='multiple of the data axis'):
-    distributed.check_batch_size(6, mesh)
+    mesh_lib.check_batch_size(6, mesh)
 
 
 def test_param_specs_split_experts_and_widths():
-  specs = distributed.param_specs(OLMOE_1B_7B_0924)
+  specs = mesh_lib.param_specs(OLMOE_1B_7B_0924)
   shapes = transformer.param_shapes(OLMOE_1B_7B_0924)
   moe = specs['layer_3']['moe']
   assert moe['gate'] == P('expert', None, 'model')  # [E, D, F]
@@ -114,7 +114,7 @@ def test_param_specs_split_experts_and_widths():
     _leaves(specs, lambda x: isinstance(x, P)), _leaves(shapes, lambda x: isinstance(x, tuple))
   ):
     assert len(spec) == len(shape)
-    assert set(spec) <= {None, *distributed.MESH_AXES}
+    assert set(spec) <= {None, *mesh_lib.MESH_AXES}
 
 
 def _leaves(tree, is_leaf):
@@ -124,10 +124,10 @@ def _leaves(tree, is_leaf):
 
 
 def test_param_shardings_check_divisibility():
-  ok = AbstractMesh((1, 8, 2), distributed.MESH_AXES)  # 64 experts, F = 1024
-  distributed.param_shardings(OLMOE_1B_7B_0924, ok)
+  ok = AbstractMesh((1, 8, 2), mesh_lib.MESH_AXES)  # 64 experts, F = 1024
+  mesh_lib.param_shardings(OLMOE_1B_7B_0924, ok)
   with pytest.raises(ValueError, match='gate'):
-    distributed.param_shardings(OLMOE_1B_7B_0924, AbstractMesh((1, 3, 1), distributed.MESH_AXES))
+    mesh_lib.param_shardings(OLMOE_1B_7B_0924, AbstractMesh((1, 3, 1), mesh_lib.MESH_AXES))
 
 
 # ---- processes and their results files ----
@@ -136,21 +136,21 @@ def test_param_shardings_check_divisibility():
 def test_process_share_covers_every_sample_once():
   items = list(range(11))
   for count in (1, 2, 3, 4):
-    shares = [distributed.process_share(items, k, count) for k in range(count)]
+    shares = [mesh_lib.process_share(items, k, count) for k in range(count)]
     assert sorted(sum(shares, [])) == items
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_initialize_needs_a_coordinator():
-  distributed.initialize()  # one process: nothing to do
+  mesh_lib.initialize()  # one process: nothing to do
   with pytest.raises(ValueError, match='coordinator_address'):
-    distributed.initialize(num_processes=2, process_id=0)
+    mesh_lib.initialize(num_processes=2, process_id=0)
 
 
 def test_results_filename():
-  assert distributed.results_filename(0, 1) == results.RESULTS_FILE
-  assert distributed.results_filename(0, 2) == 'results.process-0.jsonl'
-  assert distributed.results_filename(3, 4) == 'results.process-3.jsonl'
+  assert results.results_filename(0, 1) == results.RESULTS_FILE
+  assert results.results_filename(0, 2) == 'results.process-0.jsonl'
+  assert results.results_filename(3, 4) == 'results.process-3.jsonl'
 
 
 def _row(method, i, **kw):
@@ -162,7 +162,7 @@ def test_merge_rows_dedups_in_single_process_order():
   p0 = [_row('base', 0), _row('base', 2), _row('ngd', 0), _row('ngd', 2, v=1)]
   p1 = [_row('base', 1), _row('base', 3), _row('ngd', 3), _row('ngd', 2, v=2)]
   old = [_row('icl', 9), _row('base', 1, v=0)]
-  merged = distributed.merge_rows([old, p0, p1], ['base', 'ngd'], ids)
+  merged = results.merge_rows([old, p0, p1], ['base', 'ngd'], ids)
   keys = [(r['method'], r['id']) for r in merged]
   assert keys == [
     ('base', 'q0'),
@@ -179,31 +179,31 @@ def test_merge_rows_dedups_in_single_process_order():
 
 def test_results_writer_refuses_to_mix_process_counts(tmp_path):
   out = str(tmp_path)
-  w = distributed.results_writer(out, False, 1, 2)
+  w = results.results_writer(out, False, 1, 2)
   assert os.path.basename(w.path) == 'results.process-1.jsonl'
   w.write(_row('base', 0))
   w.close()
   with pytest.raises(results.ResultsExistError, match='same number of processes'):
-    distributed.results_writer(out, True, 0, 1)  # one process resuming a 2-process run
+    results.results_writer(out, True, 0, 1)  # one process resuming a 2-process run
   with open(os.path.join(out, results.RESULTS_FILE), 'w') as f:
     f.write(json.dumps(_row('base', 0)) + '\n')
   with pytest.raises(results.ResultsExistError, match='--resume'):
-    distributed.results_writer(out, False, 0, 2)  # the merge would overwrite results.jsonl
-  w = distributed.results_writer(out, True, 1, 2)
+    results.results_writer(out, False, 0, 2)  # the merge would overwrite results.jsonl
+  w = results.results_writer(out, True, 1, 2)
   assert w.done == {('base', 'q0')}
   w.close()
 
 
 def test_parse_lines_drops_a_torn_last_line():
   data = b'{"method": "m", "id": "1"}\n{"method": "m", "id": "2"}\n{"a": '
-  got = distributed._parse_lines(data, 'f')
+  got = results._parse_lines(data, 'f')
   assert got == [{'method': 'm', 'id': '1'}, {'method': 'm', 'id': '2'}]
 
 
 def test_parse_lines_names_the_file_and_line_of_garbage():
   data = b'{"method": "m", "id": "1"}\nnot json\n{"method": "m", "id": "2"}\n'
   with pytest.raises(results.ResultsFileError, match='merged.jsonl, line 2'):
-    distributed._parse_lines(data, 'merged.jsonl')
+    results._parse_lines(data, 'merged.jsonl')
 
 
 # ---- end to end, in subprocesses ----
@@ -333,10 +333,10 @@ def baseline(tiny):
 def test_sharded_parameters_are_split(tiny):
   """Orbax restores each leaf straight into its shard of an 8-device mesh."""
   code = (
-    'import json, sys; from c3po_jax.run import mesh as distributed, runner\n'
+    'import json, sys; from c3po_jax.run import mesh as mesh_lib, runner\n'
     'from c3po_jax.run.config import RunConfig\n'
     "rc = RunConfig.make(checkpoint_dir=sys.argv[1], benchmark='-', reference=('-',))\n"
-    "mesh = distributed.make_mesh('data:2,expert:2,model:2')\n"
+    "mesh = mesh_lib.make_mesh('data:2,expert:2,model:2')\n"
     'config, params, _ = runner.load_model(rc, mesh)\n'
     "moe = params['layer_0']['moe']\n"
     'shape = lambda x: [list(s.data.shape) for s in x.addressable_shards]\n'

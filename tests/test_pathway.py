@@ -11,13 +11,13 @@ Dimensions: N samples, B batch, T tokens, V vocab, L layers, E experts.
 
 import functools
 
-import hf_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from c3po_jax.testing import hf_models
 from c3po_jax.testing.torch_c3po import c3po_moe
 from models.olmoe import routing, transformer
 from models.olmoe.config import TINY
@@ -166,12 +166,12 @@ def test_jit_traces_pathway_values_not_keys():
 @pytest.mark.parametrize('norm_topk_prob', [False, True])
 def test_override_matches_public_c3po_semantics(norm_topk_prob):
   torch = pytest.importorskip('torch')
-  model, _ = hf_utils.make_hf_model(seed=7, norm_topk_prob=norm_topk_prob)
+  model, _ = hf_models.make_hf_model(seed=7, norm_topk_prob=norm_topk_prob)
   with torch.no_grad():  # larger weights, so that routing changes show in the logits
     for name, p in model.named_parameters():
       if 'norm' not in name:
         p.mul_(5.0)
-  config, params = hf_utils.params_from_torch(model)
+  config, params = hf_models.params_from_torch(model)
   n_layers, k = config.num_hidden_layers, config.num_experts_per_tok
   rng = np.random.default_rng(8)
   tokens = rng.integers(3, config.vocab_size, (2, 7)).astype(np.int32)

@@ -8,10 +8,10 @@ own routing.
 
 import numpy as np
 import pytest
-from engine_utils import make_checkpoint
 
 from c3po_jax.run import pipeline, results
 from c3po_jax.run.config import RunConfig
+from c3po_jax.testing.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope='module')

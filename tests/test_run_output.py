@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from engine_utils import make_checkpoint
+
+from c3po_jax.testing.checkpoints import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN = {

@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from engine_utils import TINY_TOKENIZER_CONFIG as CFG
-from engine_utils import tiny_params
 
 from c3po_jax.remix import scoring
-from c3po_jax.tasks import encoding as prompting
-from c3po_jax.tasks import load_examples
+from c3po_jax.tasks import encoding, load_examples
 from c3po_jax.tasks.tokenizer import load_tokenizer
+from c3po_jax.testing.checkpoints import TINY_TOKENIZER_CONFIG as CFG
+from c3po_jax.testing.checkpoints import tiny_params
 from models.olmoe import transformer
 
 
@@ -47,7 +46,7 @@ def _loglik(params, context, continuation):
 def test_scores_match_plain_loglikelihood(setup, fmt, task):
   params, tok = setup
   examples = load_examples(task, split='validation', limit=2)
-  prompts = [prompting.encode(tok, e, fmt) for e in examples]
+  prompts = [encoding.encode(tok, e, fmt) for e in examples]
   batch = scoring.make_batch(prompts, batch_size=4, num_choices=5)
   an = jax.jit(lambda p, b: scoring.analyze(p, b, config=CFG))(params, batch)
   scores = np.asarray(an.scores)
@@ -61,7 +60,7 @@ def test_scores_match_plain_loglikelihood(setup, fmt, task):
 def test_analysis_states_are_at_last_context_token(setup):
   params, tok = setup
   examples = load_examples('arc_challenge', split='validation', limit=2)
-  prompts = [prompting.encode(tok, e, 'rc') for e in examples]
+  prompts = [encoding.encode(tok, e, 'rc') for e in examples]
   an = scoring.analyze(params, scoring.make_batch(prompts), config=CFG)
   for i, p in enumerate(prompts):
     out = transformer.forward(params, jnp.asarray([p.context]), config=CFG)

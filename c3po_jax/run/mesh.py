@@ -6,10 +6,8 @@ while they compute. Process k of P takes test samples k, k + P, k + 2P, ...
 and runs them on a Mesh over its own local devices (all devices when P = 1):
 each batch split over the `data` axis, parameters replicated, or their
 experts split over `expert` and their widths over `model`. Each process
-appends to its own results file (`results.process-k.jsonl`; plain
-`results.jsonl` when P = 1); at the end every process's rows are gathered
-to process 0 by a collective (no shared filesystem needed), which drops
-duplicates and writes `results.jsonl`.
+appends to its own results file, merged at the end by process 0 (the file
+protocol is in `results`).
 
 Why per-process meshes rather than one global SPMD program: a global array's
 shape must agree on every process, but each batch's token bucket depends on
@@ -23,27 +21,21 @@ E experts, F expert hidden, H heads, KV key/value heads, Dh head dim.
 
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import mesh_utils, multihost_utils
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from c3po_jax.common import files
-from c3po_jax.run import results
 from models.olmoe import transformer
 from models.olmoe.config import OlmoeConfig
 
 MESH_AXES = ('data', 'expert', 'model')
-PROCESS_FILE = 'results.process-{}.jsonl'
 
 # Mesh axis of each parameter dimension, by leaf name (None: replicated).
 # Experts split over 'expert'; attention heads, expert hidden units and the
@@ -224,132 +216,3 @@ def process_share(items: Sequence, index: int | None = None, count: int | None =
   index = jax.process_index() if index is None else index
   count = jax.process_count() if count is None else count
   return list(items[index::count])
-
-
-def results_filename(index: int | None = None, count: int | None = None) -> str:
-  """results.jsonl for a single process, else results.process-{k}.jsonl."""
-  index = jax.process_index() if index is None else index
-  count = jax.process_count() if count is None else count
-  return results.RESULTS_FILE if count == 1 else PROCESS_FILE.format(index)
-
-
-def _process_files(output_dir: str) -> dict[int, str]:
-  pattern = re.compile(r'results\.process-(\d+)\.jsonl$')
-  found = {}
-  for path in glob.glob(os.path.join(output_dir, PROCESS_FILE.format('*'))):
-    m = pattern.search(path)
-    if m:
-      found[int(m.group(1))] = path
-  return found
-
-
-def results_writer(
-  output_dir: str, resume: bool, index: int | None = None, count: int | None = None
-) -> results.ResultsWriter:
-  """This process's ResultsWriter; refuses to mix runs of other process counts."""
-  index = jax.process_index() if index is None else index
-  count = jax.process_count() if count is None else count
-  stray = sorted(k for k in _process_files(output_dir) if k >= count)
-  if resume and stray:
-    raise results.ResultsExistError(
-      f'{output_dir} holds results of a run with more than {count} process(es) '
-      f'(results.process-{stray[-1]}.jsonl): resume it with the same number of processes'
-    )
-  merged = os.path.join(output_dir, results.RESULTS_FILE)
-  if count > 1 and not resume and os.path.exists(merged) and os.path.getsize(merged) > 0:
-    raise results.ResultsExistError(
-      f'{merged} already has results: pass --resume to continue that run, '
-      'or choose another --output_dir'
-    )
-  return results.ResultsWriter(output_dir, resume, results_filename(index, count))
-
-
-def _gather_bytes(data: bytes) -> list[bytes]:
-  """Every process's bytes, on every process (two all-gathers)."""
-  sizes = multihost_utils.process_allgather(np.asarray([len(data)], np.int64))  # [P, 1]
-  buf = np.zeros(max(1, int(sizes.max())), np.uint8)
-  buf[: len(data)] = np.frombuffer(data, np.uint8)
-  every = multihost_utils.process_allgather(buf)  # [P, max bytes]
-  return [every[k, : int(sizes[k, 0])].tobytes() for k in range(len(sizes))]
-
-
-def merge_rows(
-  row_lists: Sequence[Sequence[dict]], methods: Sequence[str], ids: Sequence[str]
-) -> list[dict]:
-  """One row per (method, id), the first seen, in single-process order.
-
-  That order is methods as listed, samples in test-set order; rows of other
-  methods or samples (an earlier run's) follow, in the order seen.
-  """
-  seen: dict[tuple[str, str], dict] = {}
-  for rows in row_lists:
-    for row in rows:
-      seen.setdefault((row['method'], row['id']), row)
-  m_rank = {m: i for i, m in enumerate(methods)}
-  i_rank = {i: n for n, i in enumerate(ids)}
-  order = {key: n for n, key in enumerate(seen)}
-
-  def rank(key):
-    return (m_rank.get(key[0], len(m_rank)), i_rank.get(key[1], len(i_rank)), order[key])
-
-  return [seen[key] for key in sorted(seen, key=rank)]
-
-
-def _parse_lines(data: bytes, source: str) -> list[dict]:
-  """JSON lines; a torn last line (no newline: a crash mid-write) is dropped.
-
-  A line that is not a result row raises ResultsFileError naming `source`
-  and the line, as `results.read_rows` does for a single process.
-  """
-  rows = []
-  for number, raw in enumerate(data[: data.rfind(b'\n') + 1].splitlines(), start=1):
-    if not raw.strip():
-      continue
-    try:
-      row = json.loads(raw.decode('utf-8'))
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-      row, why = None, str(e)
-    else:
-      why = 'no method and id'
-    if not isinstance(row, dict) or not {'method', 'id'} <= set(row):
-      raise results.ResultsFileError(
-        f'{source}, line {number}: not a result row ({why}); delete that line and pass '
-        '--resume, or --overwrite to start over'
-      )
-    rows.append(row)
-  return rows
-
-
-def write_rows(path: str, rows: Sequence[dict]) -> None:
-  """Replaces path atomically with rows, one sorted-key JSON line each."""
-  with files.atomic_open(path, sync=True) as f:
-    for row in rows:
-      f.write(json.dumps(row, sort_keys=True) + '\n')
-
-
-def collect_rows(
-  writer_path: str, output_dir: str, methods: Sequence[str], ids: Sequence[str]
-) -> list[dict]:
-  """Every process's rows; process 0 also writes them to results.jsonl.
-
-  One process: its results.jsonl as written. Several: a collective gathers
-  each process's file to all; process 0 merges them after any rows of an
-  earlier results.jsonl it holds (so a resume never drops them).
-  """
-  if jax.process_count() == 1:
-    return results.read_rows(writer_path)
-  with open(writer_path, 'rb') as f:
-    mine = f.read()
-  parts = [
-    _parse_lines(b, f'results of process {i} ({writer_path} there)')
-    for i, b in enumerate(_gather_bytes(mine))
-  ]
-  merged_path = os.path.join(output_dir, results.RESULTS_FILE)
-  if jax.process_index() == 0 and os.path.exists(merged_path):
-    with open(merged_path, 'rb') as f:
-      parts.insert(0, _parse_lines(f.read(), merged_path))
-  rows = merge_rows(parts, methods, ids)
-  if jax.process_index() == 0:
-    write_rows(merged_path, rows)
-    logging.info('merged %d rows of %d processes into %s', len(rows), len(parts), merged_path)
-  return rows

@@ -59,13 +59,13 @@ def run(rc: RunConfig, runner: Runner | None = None) -> dict:
   run_output.check_checkpoint(rc, references.params_fingerprint(runner.params))
   all_test, test = test, mesh_lib.process_share(test)  # this process's samples
   runner.begin(test, max(len(e.choices) for e in all_test + pool))
-  writer = mesh_lib.results_writer(rc.execution.output_dir, rc.execution.resume)
+  writer = results.results_writer(rc.execution.output_dir, rc.execution.resume)
   try:
     if test:
       _run_methods(rc, runner, test, pool, writer)
   finally:
     writer.close()
-  rows = mesh_lib.collect_rows(
+  rows = results.collect_rows(
     writer.path, rc.execution.output_dir, rc.methods, [e.id for e in all_test]
   )
   summary = results.summarize(rows)
