@@ -249,7 +249,7 @@ def test_tokenizer_round_trips_and_answers_are_single_tokens(small, tok, tmp_pat
 
   for name in (*families.COLORS, *families.TOWNS, *families.FOODS):
     assert len(tok.encode(' ' + name).ids) == 1, name
-  assert tok.encode(prompts.format_question('q', ['x'], 'rc')[0]).tokens[-1] == ':'
+  assert tok.encode(prompts.format_question('q', ['x', 'y'], 'rc')[0]).tokens[-1] == ':'
   assert (hf.pad_token_id, hf.eos_token_id) == (0, 1)
 
 
@@ -302,7 +302,7 @@ def test_scorer_matches_unpadded_forward(small, tok):
   got = choice_scores.choice_log_probs(params, config, tok, rows, batch_size=4, max_len=64)
   for r, lp in zip(rows, got):
     assert lp.shape == (len(r['choices']),)
-    context = tok.encode(prompts.format_question(r['question'], ['x'], 'rc')[0]).ids
+    context = tok.encode(prompts.format_question(r['question'], ['x', 'y'], 'rc')[0]).ids
     for c, choice in enumerate(r['choices']):
       cont = tok.encode(' ' + choice).ids
       ids = jnp.asarray([context + cont])

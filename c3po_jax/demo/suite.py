@@ -268,7 +268,7 @@ def manifest(suite: Suite) -> dict:
       'template': prompts.format_question(
         '{question}', ['{choice 0}', '{choice 1}'], suite.config.fmt
       )[0],
-      'continuation': prompts.format_question('q', ['{choice}'], suite.config.fmt)[1][0],
+      'continuation': prompts.format_question('q', ['{choice}', '{other}'], suite.config.fmt)[1][0],
     },
     'benchmarks': benchmarks,
   }

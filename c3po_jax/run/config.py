@@ -263,7 +263,7 @@ def from_flags(flag_values, **overrides) -> RunConfig:
       flat[f.name] = (
         tuple(value or ()) if isinstance(value, list) or f.name == 'reference' else value
       )
-  return RunConfig.make(**flat)
+  return RunConfig.make(**{**flat, **overrides})
 
 
 def given_flags(flag_values) -> set[str]:

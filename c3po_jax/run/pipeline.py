@@ -6,7 +6,6 @@ L layers, E experts, R references.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
@@ -82,7 +81,7 @@ def run(rc: RunConfig, runner: Runner | None = None) -> dict:
   extra = {
     'benchmark': rc.data.benchmark,
     'reference_splits': {s['source']: s['split'] for s in ref_sources},
-    'run_config': dataclasses.asdict(rc),
+    'run_config': rc.flat(),
     'provenance': run_output.provenance(rc, data, started),
   }
   diag = diagnostics.summarize(rows)

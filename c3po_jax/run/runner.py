@@ -84,9 +84,13 @@ def make_engine(rc: RunConfig, config) -> engine.Engine:
   spec = pw_lib.PathwaySpec.make(
     config.num_hidden_layers, config.num_experts, m.critical_layers, m.core_experts
   )
-  # The method's hyper-parameters: its fields are settings of the run's method group.
+  # The method's hyper-parameters that are run settings (the others keep their defaults).
   mc = methods.MethodConfig(
-    **{f.name: getattr(m, f.name) for f in dataclasses.fields(methods.MethodConfig)}
+    **{
+      f.name: getattr(m, f.name)
+      for f in dataclasses.fields(methods.MethodConfig)
+      if hasattr(m, f.name)
+    }
   )
   ec = engine.EngineConfig(
     spec=spec,

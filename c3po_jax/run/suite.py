@@ -12,7 +12,6 @@ paired sample of the suite.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -100,7 +99,7 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
       'pooled': pooled,
       'diagnostics': diag,
       'provenance': provenance,
-      'run_config': dataclasses.asdict(rc),
+      'run_config': rc.flat(),
     },
   )
   return {'benchmarks': per_benchmark, 'pooled': pooled}

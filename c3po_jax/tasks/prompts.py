@@ -162,6 +162,6 @@ def format_question(
   The strings of `format_example` for a task with the default style (the
   embedded demo trains its model on exactly these).
   """
-  ex = Example(id='', task=task, context=question, choices=tuple(choices), gold=0)
+  ex = Example(id='question', task=task, context=question, choices=tuple(choices), gold=0)
   prompt = format_example(ex, fmt)
   return prompt.context, list(prompt.continuations)
