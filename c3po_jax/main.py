@@ -58,7 +58,7 @@ def apply_suite_settings(rc: RunConfig, suite_dir: str) -> RunConfig:
 
 
 def main(argv):
-  """Errors end in one `error:` line (exit code 2: usage); see c3po_jax/cli.py."""
+  """Errors end in one `error:` line (exit code 2: usage); see c3po_jax/common/cli.py."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   started = time.time()

@@ -2,12 +2,12 @@
 
 A snapshot is a directory with config.json and either `model.safetensors` or
 shards listed in `model.safetensors.index.json`. `read_hf_checkpoint` streams
-the tensors shard by shard into `param_mapping.ParamAssembler`; tensors are
+the tensors shard by shard into `hf_mapping.ParamAssembler`; tensors are
 read with plain file reads (bf16 through ml_dtypes), so torch is not needed.
 
 Every problem with the files raises CheckpointError (a ConversionError, so a
 ValueError) naming the file or tensor; tensor-level mismatches raise the
-ConversionError of `param_mapping.ParamAssembler`.
+ConversionError of `hf_mapping.ParamAssembler`.
 
 Dimensions: D model, F expert hidden, E experts (HF stores one [F, D] tensor
 per expert; ours stacks them on a leading E axis).
@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from models.olmoe import hf_mapping as param_mapping
-from models.olmoe import transformer
+from models.olmoe import hf_mapping, transformer
 from models.olmoe.config import ConfigError, OlmoeConfig
 
 CONFIG_FILE = 'config.json'
@@ -34,7 +33,7 @@ SAFETENSORS_INDEX = 'model.safetensors.index.json'
 PICKLE_FILES = ('pytorch_model.bin', 'pytorch_model.bin.index.json')
 
 
-class CheckpointError(param_mapping.ConversionError):
+class CheckpointError(hf_mapping.ConversionError):
   """A checkpoint directory or file that cannot be read or written."""
 
 
@@ -218,7 +217,7 @@ def read_hf_checkpoint(hf_dir: str, dtype=None) -> HFCheckpoint:
   config = read_config(hf_dir)
   paths = hf_weight_files(hf_dir)
   dtype = _stored_dtype(paths) if dtype is None else jnp.dtype(dtype)
-  assembler = param_mapping.ParamAssembler(transformer.param_shapes(config), dtype)
+  assembler = hf_mapping.ParamAssembler(transformer.param_shapes(config), dtype)
   skipped = []
   for i, path in enumerate(paths):
     source = os.path.basename(path)

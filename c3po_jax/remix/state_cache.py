@@ -1,7 +1,7 @@
 """A bounded (LRU) cache of prepared neighbour states, one per reference.
 
 Neighbours recur across test samples, and a reference's prefix state (see
-`prefix_cache`) does not depend on the test sample. `StateCache.states`
+`losses.PrefixLoss`) does not depend on the test sample. `StateCache.states`
 prepares only the references it has not seen (in one jitted call, the count
 padded to a power of two so few shapes compile), keeps each at its own
 bucketed shape, and pads them to the largest bucket of the batch when

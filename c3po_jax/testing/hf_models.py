@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from models.olmoe import hf_mapping as param_mapping
-from models.olmoe import transformer
+from models.olmoe import hf_mapping, transformer
 from models.olmoe.config import OlmoeConfig
 
 TINY_HF_KWARGS = dict(
@@ -45,7 +44,7 @@ def make_hf_model(seed: int = 0, **overrides):
 def params_from_torch(model) -> tuple[OlmoeConfig, dict]:
   """Converts an in-memory torch model with our name table (no files)."""
   config = OlmoeConfig.from_hf_config(model.config.to_dict())
-  assembler = param_mapping.ParamAssembler(transformer.param_shapes(config), np.float32)
+  assembler = hf_mapping.ParamAssembler(transformer.param_shapes(config), np.float32)
   for name, tensor in model.state_dict().items():
     if config.tie_word_embeddings and name == 'lm_head.weight':
       continue
