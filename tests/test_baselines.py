@@ -1,6 +1,7 @@
 """The trained-prompt baselines (soft prompt, prefix tuning) and the model inputs they use."""
 
 import functools
+import json
 import types
 
 import jax
@@ -207,3 +208,36 @@ def test_rows_fall_back_to_base_and_say_why():
   np.testing.assert_array_equal(scores, [[-1, -1, -1], base[2], base[3]])
   assert 'fallback' not in extras[0] and extras[0]['loss_after'] == 0.5
   assert extras[1]['fallback'] == 'nan' and extras[2]['fallback'] == 'no_neighbours'
+
+
+def test_pipeline_rows_and_summary(tmp_path):
+  """Both baselines through the run: rows with their loss traces, summary, diagnostics."""
+  from c3po_jax.run import pipeline, results
+  from c3po_jax.run.config import RunConfig
+  from c3po_jax.testing.checkpoints import make_checkpoint
+
+  rc = RunConfig.make(
+    checkpoint_dir=make_checkpoint(tmp_path / 'tiny'),
+    benchmark='arc_challenge',
+    reference=('openbookqa',),
+    methods=('base', 'soft_prompt', 'prefix_tuning'),
+    max_test_samples=2,
+    max_reference_samples=16,
+    batch_size=2,
+    baseline_steps=2,
+    baseline_prefix_len=3,
+    critical_layers='last:2',
+    core_experts=4,
+    max_similarity=1.0,
+    output_dir=str(tmp_path / 'run'),
+    cache_dir=str(tmp_path / 'cache'),
+  )
+  summary = pipeline.run(rc)
+  assert list(summary) == ['base', 'prefix_tuning', 'soft_prompt']  # Table 1 order
+  rows = results.read_rows(str(tmp_path / 'run' / 'results.jsonl'))
+  for r in rows:
+    if r['method'] != 'base':
+      assert len(r['losses']) == 3 and r['loss_before'] == r['losses'][0]
+      assert 'fallback' not in r and len(r['neighbours']) >= 1
+  written = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+  assert {'soft_prompt', 'prefix_tuning'} <= set(written['diagnostics'])

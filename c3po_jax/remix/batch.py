@@ -151,6 +151,7 @@ def _icl(b: BatchInputs):
 
 def _loss_fields(losses: np.ndarray) -> dict:
   """A row's optimization trace [St + 1]: the losses, the first and the last."""
+  losses = np.asarray(losses, np.float64)  # float32 would round to 1.2309900522232056
   return {
     'losses': np.round(losses, 5).tolist(),
     'loss_before': round(float(losses[0]), 5),  # as rounded in `losses`

@@ -84,9 +84,10 @@ def make_engine(rc: RunConfig, config) -> engine.Engine:
   spec = pw_lib.PathwaySpec.make(
     config.num_hidden_layers, config.num_experts, m.critical_layers, m.core_experts
   )
-  # The methods' hyper-parameters: their fields are settings of the run's method group.
+  # The methods' hyper-parameters: fields named like a setting of the run's method
+  # group take its value; the others (e.g. alpha_grid) keep their defaults.
   mc, bc = (
-    cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})
+    cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls) if hasattr(m, f.name)})
     for cls in (methods.MethodConfig, baselines.BaselineConfig)
   )
   ec = engine.EngineConfig(
