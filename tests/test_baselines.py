@@ -187,8 +187,9 @@ def test_nan_is_flagged(model, kind):
   test, nb, w = _problem()
   out = getattr(_engine(), kind)(model, test, nb, w.at[0, 1].set(jnp.nan), IDS)
   assert np.asarray(out.finite).tolist() == [False, True, True]
-  out = getattr(_engine(baseline_lr=float('inf')), kind)(model, test, nb, w, IDS)
-  assert not np.any(np.asarray(out.finite))
+  if kind == 'soft_prompt':  # one compile more is enough: the same code path
+    out = getattr(_engine(baseline_lr=float('inf')), kind)(model, test, nb, w, IDS)
+    assert not np.any(np.asarray(out.finite))
 
 
 def test_rows_fall_back_to_base_and_say_why():
