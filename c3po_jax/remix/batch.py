@@ -4,7 +4,7 @@
 slice, neighbour batch and kernel weights, runs the method through the
 engine, scores the re-mixed pathway, and returns the scores with the per-row
 diagnostics (pathway before/after, NGD losses, accuracy after each step, the
-share of new top-k experts, |dw|). The trained-prompt baselines (`BASELINES`:
+share of new top-k experts, |dw|). The trained-prompt baselines (`baselines.KINDS`:
 soft prompt, prefix tuning) change no pathway: they answer with their prompt.
 
 Dimensions: Q test samples in a batch, N neighbours (k), C choices,
@@ -151,7 +151,7 @@ def _icl(b: BatchInputs):
 
 def _loss_fields(losses: np.ndarray) -> dict:
   """A row's optimization trace [St + 1]: the losses, the first and the last."""
-  losses = np.asarray(losses, np.float64)  # float32 would round to 1.2309900522232056
+  losses = np.asarray(losses, np.float64)  # rounded in float32, 1.23099 lists as 1.2309900522..
   return {
     'losses': np.round(losses, 5).tolist(),
     'loss_before': round(float(losses[0]), 5),  # as rounded in `losses`
