@@ -23,6 +23,11 @@ choice cross-entropy loss. Seconds per test sample of:
               torch.optim.Adam with the same cosine schedule; one sample at a
               time, each step a forward and backward of its k neighbours
               (logits at the last position only, unless --notorch_last_logits)
+  soft_prompt, prefix_tuning
+              the trained-prompt baselines (`c3po_jax.remix.baselines`: a
+              prompt of P = 10 vectors per sample, the same steps on the same
+              neighbour loss; full forwards of the neighbours, as naive_jax);
+              one timed call each (--nobaselines: skipped)
 
 JAX programs are compiled ahead of time (compile time reported apart), so no
 timing includes compilation; PyTorch runs one untimed step first. The torch
@@ -75,6 +80,9 @@ _TORCH_LAST_LOGITS = flags.DEFINE_bool(
   True,
   'PyTorch computes logits at the last position only (logits_to_keep=1), as our losses do;'
   ' false: at every position, as a plain model(input_ids) call does (about 1.6x slower).',
+)
+_BASELINES = flags.DEFINE_bool(
+  'baselines', True, 'Also time the soft-prompt and prefix-tuning baselines.'
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of weights and tokens.')
 
@@ -223,6 +231,31 @@ def _torch_ngd(
   return to_w(theta).detach(), losses
 
 
+def _time_baselines(params, tokens, nb, w, spec, rows: dict, compile_s: dict) -> None:
+  """(e) Soft prompt and prefix tuning on the same problem: one timed call of each."""
+  import jax
+  import numpy as np
+
+  from c3po_jax.remix import baselines, engine, scoring
+  from c3po_jax.tasks.encoding import EncodedPrompt
+  from models.olmoe.config import BENCH
+
+  letters = tuple((10 + c,) for c in range(NUM_CHOICES))
+  prompts = [
+    EncodedPrompt(tuple(int(x) for x in row), letters, 0, (1,) * NUM_CHOICES, 'mc')
+    for row in np.asarray(tokens)
+  ]
+  tests = scoring.make_batch(prompts, num_choices=NUM_CHOICES)
+  bc = baselines.BaselineConfig(baseline_steps=_STEPS.value)
+  eng = engine.Engine(BENCH, engine.EngineConfig(spec=spec, baseline=bc))
+  ids = np.arange(100, 100 + bc.baseline_prefix_len, dtype=np.int32)
+  for kind in baselines.KINDS:
+    fn, compile_s[kind] = _compile(getattr(eng, kind), params, tests, nb, w, ids)
+    start = time.perf_counter()
+    jax.block_until_ready(fn(params, tests, nb, w, ids))
+    rows[kind] = (time.perf_counter() - start) / len(prompts)
+
+
 def main(argv):
   del argv
   cores = _pin_cores(_THREADS.value)
@@ -289,6 +322,8 @@ def main(argv):
   start = time.perf_counter()
   naive_trace = jax.block_until_ready(run_naive()).trace
   rows['naive_jax'] = (time.perf_counter() - start) / q
+  if _BASELINES.value:
+    _time_baselines(params, tokens, nb, w, spec, rows, compile_s)
 
   # (d) naive PyTorch, one sample at a time.
   state = {}
@@ -342,6 +377,11 @@ def main(argv):
     'torch_naive_over_ngd': round(rows['torch_naive'] / rows['ngd'], 1),
     'torch_naive_over_ngd_warm': round(rows['torch_naive'] / rows['ngd_warm'], 1),
     'naive_jax_over_ngd': round(rows['naive_jax'] / rows['ngd'], 1),
+    **{
+      f'{kind}_over_base': round(rows[kind] / rows['base'], 2)
+      for kind in ('soft_prompt', 'prefix_tuning')
+      if kind in rows
+    },
     'compile_s': {name: round(s, 2) for name, s in compile_s.items()},
     'check': {name: float(f'{x:.3g}') for name, x in check.items()},
     'setup': dict(

@@ -128,7 +128,8 @@ def test_no_flag_run_is_the_embedded_demo(tmp_path):
   assert len(families) >= 2 and set(summary['benchmarks']) == set(families)
   assert set(summary['provenance']['data']) == set(families)  # one provenance block
   assert summary['provenance']['versions']['jax'] and 'ngd' in summary['diagnostics']
-  methods = {'base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle'}
+  methods = {'base', 'icl', 'prefix_tuning', 'soft_prompt', 'mode_finding'}
+  methods |= {'kernel_regression', 'ngd', 'oracle'}
   assert set(summary['pooled']) == methods
   # The suite's own settings apply: its prompt format and what was chosen on dev.
   with open(os.path.join(DEMO, 'suite', 'suite.json')) as f:

@@ -4,7 +4,8 @@
 slice, neighbour batch and kernel weights, runs the method through the
 engine, scores the re-mixed pathway, and returns the scores with the per-row
 diagnostics (pathway before/after, NGD losses, accuracy after each step, the
-share of new top-k experts, |dw|).
+share of new top-k experts, |dw|). The trained-prompt baselines (`baselines.KINDS`:
+soft prompt, prefix tuning) change no pathway: they answer with their prompt.
 
 Dimensions: Q test samples in a batch, N neighbours (k), C choices,
 L layers, E experts, R references, P points of an optimization path.
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from c3po_jax.remix import losses
+from c3po_jax.remix import baselines, losses
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix.scoring import make_batch
 from c3po_jax.tasks import encoding
@@ -36,8 +37,11 @@ def pathway_record(cs, w0, w, spec) -> dict:
   }
 
 
-def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts):
-  """Neighbour batches [Q, N, ...] (prepared), kernel weights [Q, N], routing [Q, N, L, E]."""
+def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts, prepared=True):
+  """Neighbour batches [Q, N, ...], kernel weights [Q, N], routing [Q, N, L, E].
+
+  prepared: the batches as the loss backend prepared them (else plain ChoiceBatches).
+  """
   eng, params, bs = runner.engine, runner.params, runner.rc.execution.batch_size
   k = nbh.index.shape[1]
   nb_prompts, nb_w, nb_probs, nb_refs = [], [], [], []
@@ -50,15 +54,16 @@ def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts):
       nb_refs.append(refs.examples[int(j) if v else fill])
     nb_w.append(np.where(valid, weights[i], 0.0))
   nc, ml = runner.num_choices, runner.rc.model.max_len
-  if runner.states is None:
+  states = runner.states if prepared else None
+  if states is None:
     flat = make_batch(
       nb_prompts, num_choices=nc, max_len=ml, position=runner.rc.method.token_position
     )
   else:  # already prepared: [Q * N, ...]
     keys = [(e.task, e.id, runner.rc.data.fmt) for e in nb_refs]
-    flat = runner.states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
+    flat = states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
   data = runner.shard(jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat))
-  if runner.states is None:
+  if prepared and states is None:
     data = eng.prepare(params, data)
   w = runner.shard(np.stack(nb_w).astype(np.float32))
   probs = np.stack(nb_probs).reshape(bs, k, *refs.router_probs.shape[1:])
@@ -144,10 +149,60 @@ def _icl(b: BatchInputs):
   return an.scores[: len(b.idx)], [{} for _ in b.idx]
 
 
+def _loss_fields(losses: np.ndarray) -> dict:
+  """A row's optimization trace [St + 1]: the losses, the first and the last."""
+  losses = np.asarray(losses, np.float64)  # rounded in float32, 1.23099 lists as 1.2309900522..
+  return {
+    'losses': np.round(losses, 5).tolist(),
+    'loss_before': round(float(losses[0]), 5),  # as rounded in `losses`
+    'loss_after': round(float(losses[-1]), 5),
+  }
+
+
+def _fallback(method: str, sample, has_neighbours: bool, finite: bool) -> dict:
+  """The row's `fallback` field, if the sample kept its base answer."""
+  if not has_neighbours:  # nothing to learn from
+    return {'fallback': 'no_neighbours'}
+  if not finite:
+    logging.warning('%s: non-finite step for %s; fell back to the base answer', method, sample)
+    return {'fallback': 'nan'}
+  return {}
+
+
+def baseline_rows(method: str, out, b: BatchInputs):
+  """A trained-prompt outcome (`baselines.PromptOutcome`, Q first) -> scores [n, C], extras.
+
+  A sample without neighbours, or whose training was not finite, keeps the
+  base scores (row `fallback`: 'no_neighbours' or 'nan').
+  """
+  scores, extras = [], []
+  for j, i in enumerate(b.idx):
+    has_nb, finite = bool(b.nbh.valid[i].any()), bool(out.finite[j])
+    ex = _fallback(method, i, has_nb, finite)
+    ex.update(_loss_fields(np.asarray(out.losses[j])))
+    scores.append(np.asarray(out.scores[j]) if has_nb and finite else b.base.scores[i])
+    extras.append(ex)
+  return np.stack(scores), extras
+
+
+def _baseline(method: str, b: BatchInputs):
+  """Scores [n, C] with a prompt trained per test sample on its neighbours."""
+  runner, m = b.runner, b.runner.rc.method
+  data, w, _ = _neighbour_data(
+    runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts, prepared=False
+  )
+  tests = runner.batch([b.prompts[i] for i in b.pidx])
+  ids = baselines.init_ids(runner.tokenizer, m.baseline_init_text, m.baseline_prefix_len)
+  out = jax.device_get(getattr(runner.engine, method)(runner.params, tests, data, w, ids))
+  return baseline_rows(method, out, b)
+
+
 def method_batch(method: str, b: BatchInputs):
   """Scores [n, C] after `method` on batch b, and per-sample extra row fields."""
   if method == 'icl':
     return _icl(b)
+  if method in baselines.KINDS:
+    return _baseline(method, b)
   remix = REMIX[method]
   runner = b.runner
   eng, params = runner.engine, runner.params
@@ -176,13 +231,8 @@ def _extras(method: str, remix: Remix, b: BatchInputs, out) -> list[dict]:
   topk_new, delta = np.asarray(out.topk_new), np.asarray(out.mean_abs_delta)
   extras = []
   for j, i in enumerate(b.idx):
-    ex = {}
     has_nb = not remix.needs_neighbours or bool(b.nbh.valid[i].any())
-    if not has_nb:  # nothing to learn from: the pathway stays the base one
-      ex['fallback'] = 'no_neighbours'
-    elif not finite[j]:
-      ex['fallback'] = 'nan'
-      logging.warning('%s: non-finite step for %s; fell back to the base pathway', method, i)
+    ex = _fallback(method, i, has_nb, bool(finite[j]))  # the base pathway stays
     if method == 'kernel_regression':
       ex['alpha'] = float(out.alpha[j])
       if loss_trace.shape[-1] > 1:  # alpha searched: the grid ends at alpha = 1 (base)
@@ -190,9 +240,7 @@ def _extras(method: str, remix: Remix, b: BatchInputs, out) -> list[dict]:
         ex['loss_before'] = round(float(loss_trace[j, -1]), 5)
         ex['loss_after'] = round(float(np.min(loss_trace[j])), 5)
     elif loss_trace.shape[-1]:
-      ex['losses'] = np.round(loss_trace[j], 5).tolist()
-      ex['loss_before'] = round(float(loss_trace[j, 0]), 5)  # as rounded in `losses`
-      ex['loss_after'] = round(float(loss_trace[j, -1]), 5)
+      ex.update(_loss_fields(loss_trace[j]))
     if step_correct is not None:
       ex['step_correct'] = step_correct[j].tolist()
     ex['topk_new'] = round(float(topk_new[j]), 4)

@@ -1,7 +1,7 @@
 """What re-mixing did, per method: the numbers that say whether it moved anything.
 
-From the result rows: the neighbour loss before and after (NGD, oracle: the
-first and last of its trajectory; kernel regression: alpha = 1, i.e. the
+From the result rows: the neighbour loss before and after (NGD, oracle and
+the trained-prompt baselines: the first and last of its trajectory; kernel regression: alpha = 1, i.e. the
 base pathway, and the chosen alpha), the share of the final top-k experts
 that were not in the base top-k (the paper's Fig. 5 statistic, mean over
 critical layers and samples), the mean |w - w_base| over the core weights,
@@ -23,7 +23,7 @@ def summarize(rows: list[dict]) -> dict:
   """{method: {n, loss_before, loss_after, topk_new, mean_abs_delta, step_accuracy, step_loss}}."""
   by_method: dict[str, list[dict]] = {}
   for r in rows:
-    if r['method'] != 'base' and 'pathway' in r:
+    if r['method'] != 'base' and ('pathway' in r or 'losses' in r):
       by_method.setdefault(r['method'], []).append(r)
   out = {}
   for method, rs in by_method.items():

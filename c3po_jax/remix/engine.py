@@ -1,10 +1,11 @@
-"""Jitted, batched C3PO computations over a model: analysis and the methods.
+"""Jitted, batched C3PO computations over a model: analysis, the methods, the baselines.
 
 `Engine` closes over the static settings (model config, pathway slice, method
 hyper-parameters, loss backend) and jits one function per method; params and
 data are arguments, so nothing large becomes a compile-time constant. Each
 method runs `jax.vmap` over a batch of test samples (every sample with its own
-neighbours, kernel weights and core experts) under a single `jit`.
+neighbours, kernel weights and core experts) under a single `jit`; so do the
+trained-prompt baselines (`baselines`: soft prompt, prefix tuning).
 
 Dimensions: Q test samples in a batch, N neighbours, R references, C critical
 layers, Kc core experts, L layers, E experts.
@@ -19,7 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from c3po_jax.remix import losses, methods, scoring
+from c3po_jax.remix import baselines, losses, methods, scoring
 from c3po_jax.remix import pathway as pw_lib
 from models.olmoe.config import OlmoeConfig
 
@@ -33,6 +34,7 @@ class EngineConfig:
   loss: str = 'choice_ce'
   opt_pathway_mode: str = 'dense'  # how the pathway enters while optimizing
   eval_pathway_mode: str = 'topk'  # how the final pathway is evaluated
+  baseline: baselines.BaselineConfig = baselines.BaselineConfig()
 
 
 def _core_slices(base_probs, spec):
@@ -67,6 +69,8 @@ class Engine:
     self.kernel_regression = jax.jit(self._kernel_regression)
     self.mode_finding = jax.jit(self._mode_finding)
     self.path_scores = jax.jit(self._path_scores)
+    self.soft_prompt = jax.jit(functools.partial(self._baseline, 'soft_prompt'))
+    self.prefix_tuning = jax.jit(functools.partial(self._baseline, 'prefix_tuning'))
 
   def core_slices(self, base_probs):
     """[Q, L, E] base routing -> batched CoreSlice."""
@@ -175,3 +179,11 @@ class Engine:
       return jax.vmap(lambda w: scores_fn(w, c, st, a)[0])(ws)  # [P, C]
 
     return jax.vmap(one)(cs, tests, anchors, path)
+
+  def _baseline(self, kind, params, tests, data, weights, ids):
+    """A prompt trained per test sample (`baselines.run`) -> baselines.PromptOutcome.
+
+    tests [Q, ...]; data: the neighbours' plain ChoiceBatch [Q, N, ...]; weights
+    [Q, N]; ids [P]: the tokens that initialize the prompt.
+    """
+    return baselines.run(kind, params, self.config, self.ec, tests, data, weights, ids)

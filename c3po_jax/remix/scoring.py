@@ -192,14 +192,23 @@ def analyze(
   config: OlmoeConfig,
   pathway: transformer.Pathway | None = None,
   pathway_mode: str = 'topk',
+  prefix_embeds: jax.Array | None = None,
+  kv_prefix: dict | None = None,
 ) -> Analysis:
   """Scores every choice; returns last-context-token states of sequence 0.
 
   `pathway` maps layer -> [B, E] (one pathway per sample, applied at the
   pathway site, by default the last context token, of each of its
-  sequences) or [B, S, E] (one per sequence).
+  sequences) or [B, S, E] (one per sequence). `prefix_embeds` [B, P, D] and
+  `kv_prefix` {layer: LayerCache [B, P, KV, Dh]}: a trained prompt per
+  sample, in front of each of its sequences (see `transformer`).
   """
   b, s, t = batch.tokens.shape
+  per_seq = lambda a: jnp.repeat(a, s, axis=0)  # [B, ...] -> [B*S, ...]
+  if prefix_embeds is not None:
+    prefix_embeds = per_seq(prefix_embeds)
+  if kv_prefix is not None:
+    kv_prefix = jax.tree.map(per_seq, kv_prefix)
   out = transformer.forward_hidden(
     params,
     batch.tokens.reshape(b * s, t),
@@ -208,6 +217,8 @@ def analyze(
     pathway=_expand_pathway(pathway, b, s),
     pathway_mode=pathway_mode,
     pathway_index=batch.site.reshape(b * s),
+    prefix_embeds=prefix_embeds,
+    kv_prefix=kv_prefix,
   )
   hidden = out.hidden.reshape(b, s, t, -1)  # [B, S, T, D]
   c, tc = batch.cont_pos.shape[1:]

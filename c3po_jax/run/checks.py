@@ -21,16 +21,21 @@ def _fail(flag: str, value, why: str):
 def check_ranges(config) -> None:
   """Raises ValueError on the first value of a RunConfig out of its range."""
   rc = types.SimpleNamespace(**config.flat())
-  for flag, value in (('lr', rc.lr), ('lr_end', rc.lr_end), ('max_similarity', rc.max_similarity)):
+  finite = (('lr', rc.lr), ('lr_end', rc.lr_end), ('max_similarity', rc.max_similarity))
+  for flag, value in finite + (('baseline_lr', rc.baseline_lr),):
     if not math.isfinite(value):
       _fail(flag, value, 'must be a finite number')
   if rc.lr <= 0:
     _fail('lr', rc.lr, 'must be > 0 (the cosine schedule decays from it)')
+  if rc.baseline_lr <= 0:
+    _fail('baseline_lr', rc.baseline_lr, 'must be > 0 (the cosine schedule decays from it)')
   if not 0 <= rc.lr_end <= rc.lr:
     _fail('lr_end', rc.lr_end, f'must be in [0, --lr={rc.lr}]')
   for flag, value, least in (
     ('ngd_steps', rc.ngd_steps, 0),
     ('mode_iters', rc.mode_iters, 0),
+    ('baseline_steps', rc.baseline_steps, 0),
+    ('baseline_prefix_len', rc.baseline_prefix_len, 1),
     ('core_experts', rc.core_experts, 0),
     ('num_plots', rc.num_plots, 0),
     ('max_len', rc.max_len, 2),

@@ -15,10 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from c3po_jax.remix import pathway
+from c3po_jax.remix import baselines, pathway
 from c3po_jax.run import checks, mesh
 
-METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
+# In the paper's Table 1 order.
+METHODS = (
+  'base',
+  'icl',
+  'prefix_tuning',
+  'soft_prompt',
+  'mode_finding',
+  'kernel_regression',
+  'ngd',
+  'oracle',
+)
 NGD_BACKENDS = ('prefix', 'naive')
 
 
@@ -100,6 +110,26 @@ class MethodSettings:
   mode_alpha: float = setting(0.5, 'Mode finding step: w <- a w + (1 - a) w_bar.')
   mode_iters: int = setting(10, 'Mode finding iterations.')
   mode_neighbours: int = setting(10, 'Mode finding: references near the pathway per iteration.')
+  baseline_prefix_len: int = setting(
+    10,
+    'Soft prompt / prefix tuning: P, the trained vectors per test sample (prompt tokens, or'
+    ' key/value slots per layer; 10 is Li & Liang 2021 prefix tuning for table-to-text).',
+  )
+  baseline_steps: int = setting(10, 'Soft prompt / prefix tuning: Adam steps per sample (as NGD).')
+  baseline_lr: float = setting(
+    0.3,
+    'Soft prompt / prefix tuning: initial learning rate (cosine decay to 1e-3 of it), in units of'
+    " the initial prompt's RMS; 0.3 is prompt tuning's (Lester et al. 2021, unit-scale T5"
+    ' embeddings).',
+  )
+  prefix_layers: str = setting(
+    'all', 'Prefix tuning: prefixed layers.', choices=baselines.PREFIX_LAYERS
+  )
+  baseline_init_text: str = setting(
+    baselines.INIT_TEXT,
+    'Soft prompt / prefix tuning: the instruction whose first P tokens (cycled) initialize the'
+    ' prompt: their embeddings, or their keys and values in each layer.',
+  )
 
 
 @dataclasses.dataclass(frozen=True)

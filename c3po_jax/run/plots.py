@@ -82,7 +82,8 @@ def ngd_steps(diag: dict, output_dir: str) -> str | None:
   loss_ax.set(xlabel='step', ylabel='mean loss', title='optimized loss (neighbours; oracle: own)')
   for ax in (acc_ax, loss_ax):
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_lines():  # the trained-prompt baselines have losses but no step accuracy
+      ax.legend()
   path = os.path.join(output_dir, 'ngd_steps.png')
   fig.savefig(path, dpi=90)
   plt.close(fig)

@@ -20,7 +20,16 @@ from c3po_jax.common import files
 
 RESULTS_FILE = 'results.jsonl'
 SUMMARY_FILE = 'summary.json'
-METHOD_ORDER = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
+METHOD_ORDER = (
+  'base',
+  'icl',
+  'prefix_tuning',
+  'soft_prompt',
+  'mode_finding',
+  'kernel_regression',
+  'ngd',
+  'oracle',
+)
 
 
 class ResultsExistError(FileExistsError):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from c3po_jax.ckpts.checkpoint import load_checkpoint
 from c3po_jax.ckpts.hf_snapshot import read_config
 from c3po_jax.neighbours import embedding, references
-from c3po_jax.remix import engine, losses, methods
+from c3po_jax.remix import baselines, engine, losses, methods
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix.scoring import ChoiceBatch, make_batch, pad_to, predictions
 from c3po_jax.remix.state_cache import StateCache
@@ -84,13 +84,11 @@ def make_engine(rc: RunConfig, config) -> engine.Engine:
   spec = pw_lib.PathwaySpec.make(
     config.num_hidden_layers, config.num_experts, m.critical_layers, m.core_experts
   )
-  # The method's hyper-parameters that are run settings (the others keep their defaults).
-  mc = methods.MethodConfig(
-    **{
-      f.name: getattr(m, f.name)
-      for f in dataclasses.fields(methods.MethodConfig)
-      if hasattr(m, f.name)
-    }
+  # The methods' hyper-parameters: fields named like a setting of the run's method
+  # group take its value; the others (e.g. alpha_grid) keep their defaults.
+  mc, bc = (
+    cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls) if hasattr(m, f.name)})
+    for cls in (methods.MethodConfig, baselines.BaselineConfig)
   )
   ec = engine.EngineConfig(
     spec=spec,
@@ -98,6 +96,7 @@ def make_engine(rc: RunConfig, config) -> engine.Engine:
     loss=m.loss,
     opt_pathway_mode=m.opt_pathway_mode,
     eval_pathway_mode=m.eval_pathway_mode,
+    baseline=bc,
   )
   return engine.Engine(config, ec, loss_backend=losses.BACKENDS[backend_name(rc)])
 

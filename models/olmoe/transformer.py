@@ -14,6 +14,17 @@ pathway weight, densely, the weights being the mixing coefficients as given
 C3PO passes the core experts' weights and zeros elsewhere. Every other token
 and layer keeps native routing.
 
+Trained prompts (the soft-prompt and prefix-tuning baselines) are explicit
+inputs too. `prefix_embeds` [B, P, D]: P free embeddings placed before the
+token embeddings (a soft prompt): they take positions 0 .. P-1 and key slots
+before the tokens, every token attends to them, and the outputs are the
+tokens' alone (hidden [B, T, D], last_index into T). `kv_prefix` {layer:
+LayerCache with k, v [B, P, KV, Dh]}: P free key/value slots before slot 0
+in the listed layers (prefix tuning), attended by every token; the tokens'
+RoPE positions start at P, as after a P-token prompt (so a prefix holding a
+prompt's keys and values, in every layer, is that prompt). Absent, or P = 0,
+either reproduces the plain forward exactly.
+
 Dimensions: B batch, T tokens, S cache slots, D model, V vocab, L layers,
 E experts, K top-k, F expert hidden, H heads, KV key/value heads, Dh head dim.
 """
@@ -29,8 +40,12 @@ import jax.numpy as jnp
 from models.olmoe import layers, routing
 from models.olmoe import moe as moe_lib
 from models.olmoe.config import OlmoeConfig
+from models.olmoe.params import Params as Params
+from models.olmoe.params import init_params as init_params
+from models.olmoe.params import layer_name as layer_name
+from models.olmoe.params import param_shapes as param_shapes
+from models.olmoe.params import param_structs as param_structs
 
-Params = dict
 Pathway = Mapping[int, jax.Array]
 PATHWAY_MODES = ('topk', 'dense')
 
@@ -57,68 +72,6 @@ class LayerCache:
 
   k: jax.Array
   v: jax.Array
-
-
-def layer_name(i: int) -> str:
-  return f'layer_{i}'
-
-
-def param_shapes(config: OlmoeConfig) -> dict:
-  """The full parameter tree as shapes: the single source of the layout."""
-  d, f, e = config.hidden_size, config.intermediate_size, config.num_experts
-  layer = {
-    'input_norm': (d,),
-    'post_attn_norm': (d,),
-    'attn': {
-      'q': (d, config.q_width),
-      'k': (d, config.kv_width),
-      'v': (d, config.kv_width),
-      'o': (config.q_width, d),
-      'q_norm': (config.q_width,),
-      'k_norm': (config.kv_width,),
-    },
-    'moe': {
-      'router': (d, e),
-      'gate': (e, d, f),
-      'up': (e, d, f),
-      'down': (e, f, d),
-    },
-  }
-  tree = {'embed': (config.vocab_size, d), 'final_norm': (d,)}
-  for i in range(config.num_hidden_layers):
-    tree[layer_name(i)] = layer
-  if not config.tie_word_embeddings:
-    tree['lm_head'] = (d, config.vocab_size)
-  return tree
-
-
-def _is_shape(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
-def param_structs(config: OlmoeConfig, dtype=jnp.float32) -> dict:
-  """`param_shapes` as jax.ShapeDtypeStruct leaves (for eval_shape, Orbax)."""
-  return jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(config), is_leaf=_is_shape
-  )
-
-
-def init_params(config: OlmoeConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
-  """Random parameters (normal, std 0.02; norm scales 1), as HF initializes."""
-  shapes = param_shapes(config)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
-  paths = [
-    jax.tree_util.keystr(p)
-    for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]
-  ]
-  keys = jax.random.split(rng, len(leaves))
-  out = []
-  for path, shape, key in zip(paths, leaves, keys):
-    if 'norm' in path:
-      out.append(jnp.ones(shape, dtype))
-    else:
-      out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
-  return jax.tree.unflatten(treedef, out)
 
 
 def last_real_index(attention_mask: jax.Array) -> jax.Array:
@@ -178,6 +131,7 @@ def decoder_layer(
   cache: LayerCache | None = None,
   pathway: jax.Array | None = None,
   pathway_mode: str = 'topk',
+  kv_prefix: LayerCache | None = None,
 ):
   """One pre-norm decoder layer.
 
@@ -192,6 +146,8 @@ def decoder_layer(
       query_slots and attention runs over all S slots.
     pathway: [B, E] pathway for this layer, or None for native routing.
     pathway_mode: 'topk' or 'dense' (see module docstring).
+    kv_prefix: k, v [B, P, KV, Dh] attended before slot 0 by every token (prefix
+      tuning); not written to the cache.
 
   Returns:
     (x [B, T, D], router logits [B, T, E], probs [B, T, E], new cache or None).
@@ -208,6 +164,12 @@ def decoder_layer(
     keys = cache.k.at[rows, query_slots].set(k.astype(cache.k.dtype), mode='drop')
     values = cache.v.at[rows, query_slots].set(v.astype(cache.v.dtype), mode='drop')
     cache = LayerCache(k=keys, v=values)
+  if kv_prefix is not None and kv_prefix.k.shape[1]:  # P slots in front of slot 0
+    n = kv_prefix.k.shape[1]
+    keys = jnp.concatenate([kv_prefix.k.astype(keys.dtype), keys], axis=1)  # [B, P+S, KV, Dh]
+    values = jnp.concatenate([kv_prefix.v.astype(values.dtype), values], axis=1)
+    key_valid = jnp.concatenate([jnp.ones((x.shape[0], n), bool), key_valid], axis=1)
+    query_slots = query_slots + n
   attn = layers.attend(q, keys, values, query_slots, key_valid)
   x = x + attn @ p['attn']['o']
   h = layers.rms_norm(x, p['post_attn_norm'], config.rms_norm_eps)
@@ -231,6 +193,7 @@ def decoder_stack(
   pathway: Pathway | None = None,
   pathway_mode: str = 'topk',
   layer: Callable = None,
+  kv_prefix: Mapping[int, LayerCache] | None = None,
 ):
   """The decoder-layer loop: the one that `forward`, `decode` and `prefix` all run.
 
@@ -244,15 +207,18 @@ def decoder_stack(
     pathway_mode: 'topk' or 'dense'.
     layer: the layer function, `decoder_layer` by default; `prefix` passes its
       window layer (same signature and outputs; it returns no routing).
+    kv_prefix: {layer: LayerCache [B, P, KV, Dh]}, prefix tuning's key/value
+      slots (see `decoder_layer`); passed only to the layers listed.
 
   Returns:
     (x [B, T, D], new caches (a tuple, or None without caches), router logits
     [len(layer_ids), B, T, E] and probs, or None where `layer` returns none).
   """
   layer = layer or decoder_layer
-  pathway = pathway or {}
+  pathway, kv_prefix = pathway or {}, kv_prefix or {}
   new_caches, all_logits, all_probs = [], [], []
   for j, i in enumerate(layer_ids):
+    extra = {'kv_prefix': kv_prefix[i]} if i in kv_prefix else {}
     x, logits, probs, cache = layer(
       params[layer_name(i)],
       x,
@@ -264,6 +230,7 @@ def decoder_stack(
       cache=None if caches is None else caches[j],
       pathway=pathway.get(i),
       pathway_mode=pathway_mode,
+      **extra,
     )
     new_caches.append(cache)
     all_logits.append(logits)
@@ -293,24 +260,42 @@ def forward_hidden(
   pathway: Pathway | None = None,
   pathway_mode: str = 'topk',
   pathway_index: jax.Array | None = None,
+  prefix_embeds: jax.Array | None = None,
+  kv_prefix: Mapping[int, LayerCache] | None = None,
 ) -> HiddenOutput:
   """The decoder without the LM head. tokens int32 [B, T].
 
   `pathway_index` [B] moves the overridden token away from the last real one
   (e.g. to the last context token of a context+continuation sequence).
+  `prefix_embeds` [B, P, D] and `kv_prefix` {layer: LayerCache [B, P, KV, Dh]}
+  are trained prompts (see the module docstring); every output and index is
+  the tokens' own (T positions).
   """
   _check_pathway(pathway, config, pathway_mode)
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
+  x = params['embed'][tokens]  # [B, T, D]
+  p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+  if p:  # a soft prompt: P embeddings in front, on real slots and positions
+    x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)  # [B, P+T, D]
+    attention_mask = jnp.concatenate([jnp.ones((b, p), attention_mask.dtype), attention_mask], 1)
+    pathway_index = None if pathway_index is None else pathway_index + p
+  kv_prefix = {int(k): v for k, v in (kv_prefix or {}).items()}
+  for layer in kv_prefix:
+    if not 0 <= layer < config.num_hidden_layers:
+      raise ValueError(f'kv_prefix layer {layer} out of range [0, {config.num_hidden_layers})')
+  kv_len = {v.k.shape[1] for v in kv_prefix.values()}
+  if len(kv_len) > 1:
+    raise ValueError(f'kv_prefix layers differ in length: {sorted(kv_len)}')
   key_valid = attention_mask.astype(bool)
-  positions = positions_from_mask(attention_mask)
+  # Tokens after a key/value prefix of P slots sit at positions P.. (as after a P-token prompt).
+  positions = positions_from_mask(attention_mask) + (kv_len.pop() if kv_len else 0)
   last_index = last_real_index(attention_mask)
   override_index = last_index if pathway_index is None else pathway_index
-  query_slots = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+  query_slots = jnp.broadcast_to(jnp.arange(p + t)[None, :], (b, p + t))
   pathway = {int(k): v for k, v in (pathway or {}).items()}
 
-  x = params['embed'][tokens]  # [B, T, D]
   x, _, all_logits, all_probs = decoder_stack(
     params,
     x,
@@ -322,13 +307,16 @@ def forward_hidden(
     last_index=override_index,
     pathway=pathway,
     pathway_mode=pathway_mode,
+    kv_prefix=kv_prefix,
   )
-  hidden = layers.rms_norm(x, params['final_norm'], config.rms_norm_eps)
+  # The soft prompt's positions out: [B, P+T, ...] -> the tokens' [B, T, ...].
+  hidden = layers.rms_norm(x[:, p:], params['final_norm'], config.rms_norm_eps)
+  last_index = last_index - p
   last_hidden = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
   return HiddenOutput(
     hidden=hidden,
-    router_logits=all_logits,
-    router_probs=all_probs,
+    router_logits=all_logits[:, :, p:],
+    router_probs=all_probs[:, :, p:],
     last_index=last_index,
     last_hidden=last_hidden,
   )
@@ -352,6 +340,8 @@ def forward(
   pathway: Pathway | None = None,
   pathway_mode: str = 'topk',
   pathway_index: jax.Array | None = None,
+  prefix_embeds: jax.Array | None = None,
+  kv_prefix: Mapping[int, LayerCache] | None = None,
 ) -> ForwardOutput:
   """Full model. tokens int32 [B, T] -> ForwardOutput (logits [B, T, V])."""
   out = forward_hidden(
@@ -362,6 +352,8 @@ def forward(
     pathway=pathway,
     pathway_mode=pathway_mode,
     pathway_index=pathway_index,
+    prefix_embeds=prefix_embeds,
+    kv_prefix=kv_prefix,
   )
   return ForwardOutput(
     hidden=out.hidden,
