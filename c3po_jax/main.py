@@ -61,6 +61,13 @@ flags.DEFINE_enum(
   ['weights', 'logits'],
   'What NGD optimizes: the core mixing weights (projected onto the simplex) or their logits.',
 )
+flags.DEFINE_enum(
+  'ngd_init',
+  _D.ngd_init,
+  ['base', 'kernel_mean'],
+  "Where NGD starts: the test sample's routing (the paper's) or the kernel-weighted mean "
+  "of its neighbours' routing.",
+)
 flags.DEFINE_integer('core_experts', _D.core_experts, 'Core experts per layer (0: all).')
 flags.DEFINE_integer('ngd_steps', _D.ngd_steps, 'NGD steps.')
 flags.DEFINE_float('lr', _D.lr, 'NGD initial learning rate (cosine schedule).')
@@ -151,6 +158,7 @@ def run_config_from_flags() -> RunConfig:
     core_experts=F.core_experts,
     token_position=F.token_position,
     pathway_param=F.pathway_param,
+    ngd_init=F.ngd_init,
     ngd_steps=F.ngd_steps,
     lr=F.lr,
     lr_end=F.lr_end,

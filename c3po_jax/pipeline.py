@@ -122,6 +122,7 @@ class Runner:
       lr_end=rc.lr_end,
       optimizer=rc.optimizer,
       pathway_param=rc.pathway_param,
+      ngd_init=rc.ngd_init,
       kr_alpha=rc.kr_alpha,
       mode_alpha=rc.mode_alpha,
       mode_iters=rc.mode_iters,

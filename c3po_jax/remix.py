@@ -98,7 +98,9 @@ def method_batch(method, runner, idx, prompts, base, refs, nbh, weights, ref_pro
     out = eng.oracle(params, cs, data, seq_probs)
   else:
     data, w, probs = _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts)
-    if method == 'ngd':
+    if method == 'ngd' and eng.ec.method.needs_neighbour_routing:
+      out = eng.ngd(params, cs, data, w, eng.neighbour_weights(cs, probs))
+    elif method == 'ngd':
       out = eng.ngd(params, cs, data, w)
     else:
       out = eng.kernel_regression(params, cs, data, w, eng.neighbour_weights(cs, probs))

@@ -8,6 +8,7 @@ from c3po_jax import distributed, flag_checks, pathway
 
 METHODS = ('base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle')
 NGD_BACKENDS = ('prefix', 'naive')
+NGD_INITS = ('base', 'kernel_mean')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,9 @@ class RunConfig:
   # What NGD optimizes: the core weights ('weights', projected onto the
   # simplex of the core mass) or their log-softmax logits ('logits').
   pathway_param: str = 'weights'
+  # Where NGD starts: 'base' (the test sample's routing, the paper's) or
+  # 'kernel_mean' (the kernel-weighted mean of the neighbours' routing).
+  ngd_init: str = 'base'
   # Surrogates.
   ngd_steps: int = 10
   lr: float = 1e-2
@@ -96,8 +100,12 @@ class RunConfig:
     flag_checks.check_ranges(self)  # --lr=0, --dtype=int8, ...: refused before any model loads
     if self.token_position not in ('last', 'first', 'middle'):
       raise ValueError(f'token_position must be last, first or middle, got {self.token_position!r}')
-    if self.pathway_param not in ('weights', 'logits'):
-      raise ValueError(f"pathway_param must be 'weights' or 'logits', got {self.pathway_param!r}")
+    if self.pathway_param not in pathway.PATHWAY_PARAMS:
+      raise ValueError(
+        f'pathway_param must be one of {pathway.PATHWAY_PARAMS}, got {self.pathway_param!r}'
+      )
+    if self.ngd_init not in NGD_INITS:
+      raise ValueError(f'ngd_init must be one of {NGD_INITS}, got {self.ngd_init!r}')
     if isinstance(self.critical_layers, int):
       pathway.parse_layers(self.critical_layers, 1)  # raises: say last:N or the index
     if not isinstance(self.critical_layers, str):  # explicit indices -> their spec string
