@@ -216,8 +216,11 @@ def test_ngd_kernel_mean_init_starts_at_the_neighbours_mean():
   wt = jnp.asarray([0.75, 0.25])
   corner = lambda i: jnp.zeros((1, 4)).at[0, i].set(1.0)
   # Two wells: a shallow one at expert 0 (base side), a deep one at expert 2.
-  loss = lambda w, cs, d, weights, a=None: -(
-    0.5 * jnp.exp(-8 * jnp.sum((w - corner(0)) ** 2)) + jnp.exp(-8 * jnp.sum((w - corner(2)) ** 2))
+  loss = lambda w, cs, d, weights, a=None: (
+    -(
+      0.5 * jnp.exp(-8 * jnp.sum((w - corner(0)) ** 2))
+      + jnp.exp(-8 * jnp.sum((w - corner(2)) ** 2))
+    )
   )
   mc = methods.MethodConfig(lr=0.02, lr_end=1e-3, optimizer='sgd', ngd_steps=20)
   from_base = methods.ngd(loss, cs, None, wt, w0, mc, w_neighbours=wn)
