@@ -203,3 +203,39 @@ def test_identity_core_distribution_reproduces_base(model):
     model, test, cs, jax.vmap(pw_lib.base_weights)(cs), base.seq_router_probs
   )
   np.testing.assert_allclose(same.scores, base.scores, atol=1e-5)
+
+
+def test_ngd_kernel_mean_init_starts_at_the_neighbours_mean():
+  """ngd_init='kernel_mean' starts at kernel regression's alpha = 0 point.
+
+  On a loss with two minima (the base's corner and the neighbours'), descent
+  from the base stays in the base's basin and from the kernel mean in the
+  neighbours'; with no neighbour it starts at the base.
+  """
+  cs = _uniform_slice(1, 4, mass=1.0)
+  w0 = jnp.asarray([[0.7, 0.1, 0.1, 0.1]])
+  cs = pw_lib.CoreSlice(base=w0, core=cs.core)
+  wn = jnp.asarray([[[0.0, 0.0, 0.9, 0.1]], [[0.0, 0.0, 0.7, 0.3]]])  # [N, C, Kc]
+  wt = jnp.asarray([0.75, 0.25])
+  corner = lambda i: jnp.zeros((1, 4)).at[0, i].set(1.0)
+  # Two wells: a shallow one at expert 0 (base side), a deep one at expert 2.
+  loss = lambda w, cs, d, weights, a=None: (
+    -(
+      0.5 * jnp.exp(-8 * jnp.sum((w - corner(0)) ** 2))
+      + jnp.exp(-8 * jnp.sum((w - corner(2)) ** 2))
+    )
+  )
+  mc = methods.MethodConfig(lr=0.02, lr_end=1e-3, optimizer='sgd', ngd_steps=20)
+  from_base = methods.ngd(loss, cs, None, wt, w0, mc, w_neighbours=wn)
+  km = methods.MethodConfig(**{**mc.__dict__, 'ngd_init': 'kernel_mean'})
+  from_mean = methods.ngd(loss, cs, None, wt, w0, km, w_neighbours=wn)
+  np.testing.assert_allclose(from_mean.path[0], [[0.0, 0.0, 0.85, 0.15]], atol=1e-6)
+  np.testing.assert_allclose(from_base.path[0], w0, atol=1e-6)
+  assert int(jnp.argmax(from_base.w[0])) == 0
+  assert int(jnp.argmax(from_mean.w[0])) == 2
+  assert float(from_mean.losses[-1]) < float(from_base.losses[-1])
+  np.testing.assert_allclose(jnp.sum(from_mean.w), 1.0, atol=1e-5)  # still on the simplex
+  alone = methods.ngd(loss, cs, None, jnp.zeros(2), w0, km, w_neighbours=wn)
+  np.testing.assert_allclose(alone.path[0], w0, atol=1e-6)
+  with pytest.raises(ValueError, match='w_neighbours'):
+    methods.ngd(loss, cs, None, wt, w0, km)

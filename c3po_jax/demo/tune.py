@@ -1,8 +1,8 @@
 """Chooses the demo's C3PO settings on the dev split and records them in suite.json.
 
 Runs the suite's dev split once per point of a grid over RunConfig fields
-(NGD learning rate, neighbours k, overlap filter max_similarity, kernel
-bandwidth rule sigma, NGD steps), picks the point with the best pooled NGD dev
+(NGD start point, NGD pathway mode, NGD learning rate, neighbours k, overlap
+filter max_similarity, kernel bandwidth rule sigma, NGD steps), picks the point with the best pooled NGD dev
 accuracy (ties: the earlier point; each list is given in order of preference,
 e.g. the smaller step first), and writes it with the whole grid into the
 manifest's "c3po_settings", which `python -m c3po_jax.main` applies to runs of
@@ -63,7 +63,10 @@ def tune(base: RunConfig, suite_dir: str, grid: dict[str, list]) -> dict:
 
 
 def write_settings(suite_dir: str, entry: dict) -> None:
+  """Records entry as the suite's c3po_settings; an earlier entry is kept under 'previous'."""
   manifest = suite.read_manifest(suite_dir)
+  if manifest.get('c3po_settings'):
+    entry = {**entry, 'previous': manifest['c3po_settings']}
   manifest['c3po_settings'] = entry
   suite.write_manifest(suite_dir, manifest)
 
@@ -86,6 +89,8 @@ def main(argv):
     num_plots=0,
   )
   grid = {
+    'ngd_init': list(F.ngd_inits),
+    'opt_pathway_mode': list(F.opt_pathway_modes),
     'lr': [float(x) for x in F.lrs],
     'k': [int(x) for x in F.ks],
     'max_similarity': [float(x) for x in F.max_similarities],
@@ -102,6 +107,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('checkpoint_dir', 'checkpoints/demo', 'The model the suite is run on.')
   flags.DEFINE_string('output_dir', 'runs/tune', 'Where the dev runs are written.')
   flags.DEFINE_list('methods', ['base', 'ngd'], 'Methods run at each point (ngd is the criterion).')
+  flags.DEFINE_list('ngd_inits', ['base'], 'NGD start points to try (base, kernel_mean).')
+  flags.DEFINE_list('opt_pathway_modes', ['dense'], 'Pathway modes NGD optimizes in (dense, topk).')
   flags.DEFINE_list('lrs', ['0.003', '0.01', '0.03', '0.1'], 'NGD learning rates to try.')
   flags.DEFINE_list('ks', ['3', '10'], 'Neighbours per test sample to try.')
   flags.DEFINE_list('max_similarities', ['0.99'], 'Overlap filters to try.')

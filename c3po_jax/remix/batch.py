@@ -37,7 +37,7 @@ def pathway_record(cs, w0, w, spec) -> dict:
   }
 
 
-def _neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts, prepared=True):
+def neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts, prepared=True):
   """Neighbour batches [Q, N, ...], kernel weights [Q, N], routing [Q, N, L, E].
 
   prepared: the batches as the loss backend prepared them (else plain ChoiceBatches).
@@ -107,13 +107,16 @@ def _oracle(b: BatchInputs):
 
 
 def _ngd(b: BatchInputs):
-  data, w, _ = _neighbour_data(b.runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts)
-  return b.runner.engine.ngd(b.runner.params, b.cs, data, w)
+  eng = b.runner.engine
+  data, w, probs = neighbour_data(b.runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts)
+  if eng.ec.method.needs_neighbour_routing:  # ngd_init='kernel_mean'
+    return eng.ngd(b.runner.params, b.cs, data, w, eng.neighbour_weights(b.cs, probs))
+  return eng.ngd(b.runner.params, b.cs, data, w)
 
 
 def _kernel_regression(b: BatchInputs):
   eng = b.runner.engine
-  data, w, probs = _neighbour_data(b.runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts)
+  data, w, probs = neighbour_data(b.runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts)
   return eng.kernel_regression(b.runner.params, b.cs, data, w, eng.neighbour_weights(b.cs, probs))
 
 
@@ -188,7 +191,7 @@ def baseline_rows(method: str, out, b: BatchInputs):
 def _baseline(method: str, b: BatchInputs):
   """Scores [n, C] with a prompt trained per test sample on its neighbours."""
   runner, m = b.runner, b.runner.rc.method
-  data, w, _ = _neighbour_data(
+  data, w, _ = neighbour_data(
     runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts, prepared=False
   )
   tests = runner.batch([b.prompts[i] for i in b.pidx])

@@ -123,24 +123,36 @@ class Engine:
       alpha = jnp.ones(delta.shape, jnp.float32)
     return Outcome(trace=trace, alpha=alpha, topk_new=topk_new, mean_abs_delta=delta)
 
-  def _ngd(self, params, cs, data, weights):
-    """data: `prepare`d neighbour state, [Q, N, ...]; weights [Q, N]."""
+  def _ngd(self, params, cs, data, weights, w_neighbours=None):
+    """data: `prepare`d neighbour state, [Q, N, ...]; weights [Q, N].
+
+    w_neighbours [Q, N, C, Kc]: the neighbours' routing on each sample's core
+    (`neighbour_weights`), needed by ngd_init='kernel_mean' only.
+    """
     loss_fn = self.loss_backend.make_loss(params, self.config, self.ec)
     w0 = jax.vmap(pw_lib.base_weights)(cs)
-    fn = lambda c, d, wt, w: methods.ngd(loss_fn, c, d, wt, w, self.ec.method)
-    return self._outcome(cs, jax.vmap(fn)(cs, data, weights, w0))
+    mc = self.ec.method
+    if w_neighbours is None:
+      fn = lambda c, d, wt, w: methods.ngd(loss_fn, c, d, wt, w, mc)
+      return self._outcome(cs, jax.vmap(fn)(cs, data, weights, w0))
+    fn = lambda c, d, wt, w, wn: methods.ngd(loss_fn, c, d, wt, w, mc, w_neighbours=wn)
+    return self._outcome(cs, jax.vmap(fn)(cs, data, weights, w0, w_neighbours))
 
   def _oracle(self, params, cs, data, seq_probs):
     """NGD on the test sample's own label; data: the test batch `prepare`d as [Q, 1, ...].
 
     The sample is scored as it will be evaluated: each of its sequences with
-    its own base rows plus the change.
+    its own base rows plus the change. The oracle has no neighbours: it
+    always starts at the base routing.
     """
     loss_fn = self.loss_backend.make_loss(params, self.config, self.ec)
     w0 = jax.vmap(pw_lib.base_weights)(cs)
     anchors = self._anchors(seq_probs)[:, None]  # [Q, 1, S, C, E]
     ones = jnp.ones((w0.shape[0], 1), jnp.float32)
-    fn = lambda c, d, wt, w, a: methods.ngd(loss_fn, c, d, wt, w, self.ec.method, a)
+    mc = self.ec.method
+    if mc.ngd_init != 'base':
+      mc = dataclasses.replace(mc, ngd_init='base')
+    fn = lambda c, d, wt, w, a: methods.ngd(loss_fn, c, d, wt, w, mc, a)
     return self._outcome(cs, jax.vmap(fn)(cs, data, ones, w0, anchors))
 
   def _kernel_regression(self, params, cs, data, weights, w_neighbours):

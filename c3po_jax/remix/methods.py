@@ -42,11 +42,20 @@ class MethodConfig:
   # 'weights': optimize the core mixing weights themselves, projected onto the
   # simplex of the core mass after every step; 'logits': their log-softmax.
   pathway_param: str = 'weights'
+  # Where NGD starts: 'base' (the test sample's own routing, the paper's) or
+  # 'kernel_mean' (the kernel-weighted mean of the neighbours' routing, kernel
+  # regression's alpha = 0 point; needs the neighbours' routing).
+  ngd_init: str = 'base'
   kr_alpha: float | None = None  # None: search alpha on the neighbour loss
   alpha_grid: int = 11
   mode_alpha: float = 0.5
   mode_iters: int = 10
   mode_neighbours: int = 10
+
+  @property
+  def needs_neighbour_routing(self) -> bool:
+    """Whether NGD needs the neighbours' own routing rows (w_neighbours)."""
+    return self.ngd_init == 'kernel_mean'
 
 
 def _optimizer(mc: MethodConfig) -> optax.GradientTransformation:
@@ -75,7 +84,16 @@ jax.tree_util.register_dataclass(
 )
 
 
-def ngd(loss_fn: LossFn, cs: pw_lib.CoreSlice, data, weights, w0, mc: MethodConfig, anchors=None):
+def ngd(
+  loss_fn: LossFn,
+  cs: pw_lib.CoreSlice,
+  data,
+  weights,
+  w0,
+  mc: MethodConfig,
+  anchors=None,
+  w_neighbours=None,
+):
   """Neighbourhood gradient descent with Optax, steps in lax.scan -> Trace.
 
   pathway_param 'weights': the variables are the core weights; after every
@@ -87,6 +105,16 @@ def ngd(loss_fn: LossFn, cs: pw_lib.CoreSlice, data, weights, w0, mc: MethodConf
   factor of at most about exp(2 * sum of lr) (its own logit and the
   normalizer), i.e. within x[0.89, 1.12] at the paper's settings, which
   hardly ever changes the top-k.
+
+  ngd_init 'kernel_mean' (needs w_neighbours [N, C, Kc], the neighbours'
+  own routing on this sample's core) starts the descent at the kernel-weighted
+  mean of the neighbours' routing (kernel regression's alpha = 0 point)
+  instead of the base routing; the loss, steps and optimizer are the same.
+  Why it exists: in a world with few experts per token (top-2 of 8) the
+  descent from a mis-routed base reaches low neighbour loss through dense
+  mixtures of other experts, which do not carry over to the test sample,
+  while the neighbours' own experts are far away (README, remix-world
+  diagnostic). The path (Trace.path) then starts at the kernel mean.
   """
   opt = _optimizer(mc)
   mass = cs.mass
@@ -100,6 +128,15 @@ def ngd(loss_fn: LossFn, cs: pw_lib.CoreSlice, data, weights, w0, mc: MethodConf
     project = lambda theta: theta
   else:
     raise ValueError(f'pathway_param={mc.pathway_param!r}, expected one of {pw_lib.PATHWAY_PARAMS}')
+  if mc.ngd_init == 'kernel_mean':
+    if w_neighbours is None:
+      raise ValueError("ngd_init='kernel_mean' needs the neighbours' routing (w_neighbours)")
+    wn = weights / jnp.maximum(jnp.sum(weights), 1e-12)  # [N]
+    w_hat = pw_lib.rescale(jnp.einsum('n,nck->ck', wn, w_neighbours), mass)
+    w_hat = jnp.where(jnp.sum(weights) > 0, w_hat, w0)  # no neighbour: the base
+    theta0 = w_hat if mc.pathway_param == 'weights' else pw_lib.to_logits(w_hat, mass)
+  elif mc.ngd_init != 'base':
+    raise ValueError(f"ngd_init={mc.ngd_init!r}, expected 'base' or 'kernel_mean'")
 
   def objective(theta):
     return loss_fn(to_w(theta), cs, data, weights, anchors)
@@ -118,7 +155,7 @@ def ngd(loss_fn: LossFn, cs: pw_lib.CoreSlice, data, weights, w0, mc: MethodConf
   final = objective(theta)
   w = to_w(theta)
   finite = jnp.all(oks) & jnp.isfinite(final) & jnp.all(jnp.isfinite(w))
-  path = jnp.concatenate([w0[None], ws])
+  path = jnp.concatenate([to_w(theta0)[None], ws])
   return Trace(
     w=jnp.where(finite, w, w0),
     losses=jnp.concatenate([losses, final[None]]),

@@ -97,6 +97,12 @@ class MethodSettings:
     'What NGD optimizes: the core mixing weights (projected onto the simplex) or their logits.',
     choices=('weights', 'logits'),
   )
+  ngd_init: str = setting(
+    'base',
+    "Where NGD starts: the test sample's routing (the paper's) or the kernel-weighted mean "
+    "of its neighbours' routing (kernel regression's alpha = 0 point).",
+    choices=('base', 'kernel_mean'),
+  )
   ngd_steps: int = setting(10, 'NGD steps.')
   lr: float = setting(1e-2, 'NGD initial learning rate (cosine schedule).')
   lr_end: float = setting(1e-5, 'NGD final learning rate.')
