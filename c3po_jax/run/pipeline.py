@@ -27,11 +27,16 @@ from c3po_jax.tasks import format_example, load_examples, load_references
 from c3po_jax.tasks.loading import resolve_test_split
 
 
-def open_runner(rc: RunConfig) -> Runner:
-  """The processes, device mesh and model of rc, ready for one or more `run`s."""
+def start_processes(rc: RunConfig) -> None:
+  """jax.distributed for a multi-process run: before any JAX work (idempotent)."""
   m = rc.mesh
   mesh_lib.initialize(m.multihost, m.coordinator_address, m.num_processes, m.process_id)
-  mesh = mesh_lib.make_mesh(m.mesh_shape)
+
+
+def open_runner(rc: RunConfig) -> Runner:
+  """The processes, device mesh and model of rc, ready for one or more `run`s."""
+  start_processes(rc)
+  mesh = mesh_lib.make_mesh(rc.mesh.mesh_shape)
   mesh_lib.check_batch_size(rc.execution.batch_size, mesh)
   return Runner.open(rc, mesh)
 
@@ -45,6 +50,7 @@ def run(rc: RunConfig, runner: Runner | None = None) -> dict:
   model, engine and settings; see `suite`); by default one is opened.
   """
   started = time.time()
+  start_processes(rc)
   d = rc.data
   with errors.usage_errors():
     test = load_examples(d.benchmark, split=d.split, source=d.source, limit=d.max_test_samples)
