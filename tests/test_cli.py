@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from c3po_jax.run import pipeline, results, runner
-from c3po_jax.run.config import RunConfig
+from c3po_jax.run.config import METHODS, RunConfig
 from c3po_jax.testing.checkpoints import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,9 +57,9 @@ def test_cli_runs_every_method(ckpt, tmp_path):
     '--core_experts=4',
   )
   summary = json.loads((out / 'summary.json').read_text())['methods']
-  assert set(summary) == {'base', 'icl', 'mode_finding', 'kernel_regression', 'ngd', 'oracle'}
+  assert set(summary) == set(METHODS)  # every method, the trained-prompt baselines too
   rows = results.read_rows(str(out / 'results.jsonl'))
-  assert len(rows) == 6 * 2
+  assert len(rows) == len(METHODS) * 2
   ngd = [r for r in rows if r['method'] == 'ngd']
   assert all(len(r['losses']) == 3 and r['neighbours'] for r in ngd)
   assert 'base' in proc.stdout and 'ngd' in proc.stdout  # the printed table
