@@ -71,9 +71,10 @@ def _torch_model(seed: int, experts_implementation: str | None):
   from transformers import OlmoeConfig as HFOlmoeConfig
   from transformers import OlmoeForCausalLM
 
-  from models.olmoe.config import BENCH
+  from models import families
+  from models.families.olmoe import BENCH
 
-  kwargs = {k: v for k, v in BENCH.to_hf_config().items() if k not in ('architectures',)}
+  kwargs = {k: v for k, v in families.to_hf_config(BENCH).items() if k not in ('architectures',)}
   kwargs.pop('model_type')
   if experts_implementation:
     kwargs['experts_implementation'] = experts_implementation
@@ -88,12 +89,11 @@ def _convert(model) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from models.olmoe import transformer
-  from models.olmoe.config import OlmoeConfig
-  from models.olmoe.hf_mapping import ParamAssembler
+  from models import families
+  from models.hf_mapping import ParamAssembler
 
-  config = OlmoeConfig.from_hf_config(model.config.to_dict())
-  assembler = ParamAssembler(transformer.param_shapes(config), np.float32)
+  config = families.from_hf_config(model.config.to_dict())
+  assembler = ParamAssembler(config, np.float32)
   for name, tensor in model.state_dict().items():
     assembler.add(name, tensor.detach().float().numpy())
   return jax.tree.map(jnp.asarray, assembler.finish())
@@ -106,7 +106,8 @@ def _ours(config, dispatch: str, block_size: int):
 
   import jax
 
-  from models.olmoe import moe, routing, transformer
+  from models import dispatch as moe
+  from models import routing, transformer
 
   def logits(params, tokens):
     return transformer.forward(params, tokens, config=config).logits
@@ -167,7 +168,7 @@ def main(argv):
   import numpy as np
   import torch
 
-  from models.olmoe.config import BENCH
+  from models.families.olmoe import BENCH
 
   torch.set_num_threads(len(cores))
   model = _torch_model(_SEED.value, _TORCH_EXPERTS.value)

@@ -112,16 +112,18 @@ def _models(seed: int):
   from transformers import OlmoeConfig as HFOlmoeConfig
   from transformers import OlmoeForCausalLM
 
-  from models.olmoe import transformer
-  from models.olmoe.config import BENCH
-  from models.olmoe.hf_mapping import ParamAssembler
+  from models import families
+  from models.families.olmoe import BENCH
+  from models.hf_mapping import ParamAssembler
 
   kwargs = {
-    k: v for k, v in BENCH.to_hf_config().items() if k not in ('architectures', 'model_type')
+    k: v
+    for k, v in families.to_hf_config(BENCH).items()
+    if k not in ('architectures', 'model_type')
   }
   torch.manual_seed(seed)
   model = OlmoeForCausalLM(HFOlmoeConfig(**kwargs)).eval().requires_grad_(False)
-  assembler = ParamAssembler(transformer.param_shapes(BENCH), np.float32)
+  assembler = ParamAssembler(BENCH, np.float32)
   for name, tensor in model.state_dict().items():
     assembler.add(name, tensor.detach().float().numpy())
   return model, jax.tree.map(jnp.asarray, assembler.finish())
@@ -238,7 +240,7 @@ def _time_baselines(params, tokens, nb, w, spec, rows: dict, compile_s: dict) ->
 
   from c3po_jax.remix import baselines, engine, scoring
   from c3po_jax.tasks.encoding import EncodedPrompt
-  from models.olmoe.config import BENCH
+  from models.families.olmoe import BENCH
 
   letters = tuple((10 + c,) for c in range(NUM_CHOICES))
   prompts = [
@@ -268,8 +270,8 @@ def main(argv):
 
   from c3po_jax.remix import engine, losses, methods, scoring
   from c3po_jax.remix import pathway as pw_lib
-  from models.olmoe import transformer
-  from models.olmoe.config import BENCH
+  from models import transformer
+  from models.families.olmoe import BENCH
 
   torch.set_num_threads(len(cores))
   q, k, t = _NUM_SAMPLES.value, _K.value, _SEQ_LEN.value

@@ -27,7 +27,7 @@ from absl import app, flags
 from c3po_jax.remix.scoring import TOKEN_BUCKETS, bucket
 from c3po_jax.tasks import encoding, load_examples
 from c3po_jax.tasks.tokenizer import load_tokenizer
-from models.olmoe.config import OLMOE_1B_7B_0924 as CFG
+from models.families.olmoe import OLMOE_1B_7B_0924 as CFG
 
 flags.DEFINE_integer('batch_size', 32, 'Test samples per batch (all data shards together).')
 flags.DEFINE_float('mfu', 0.3, 'Assumed fraction of peak bf16 FLOP/s reached.')

@@ -8,6 +8,7 @@ result = c3po_jax.run(c3po_jax.RunConfig.make(...))  # a whole C3PO run (see c3p
 from c3po_jax.ckpts.checkpoint import load_checkpoint, save_checkpoint
 from c3po_jax.run.api import RunResult, run
 from c3po_jax.run.config import METHODS, RunConfig
-from models.olmoe.config import PRESETS, ConfigError, OlmoeConfig
-from models.olmoe.decode import generate, prefill
-from models.olmoe.transformer import ForwardOutput, forward, forward_hidden, init_params
+from models.config import ConfigError, MoeConfig
+from models.decode import generate, prefill
+from models.families import PRESETS
+from models.transformer import ForwardOutput, forward, forward_hidden, init_params

@@ -12,8 +12,8 @@ import pytest
 from c3po_jax.remix import baselines, batch, engine, scoring
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.tasks.encoding import EncodedPrompt
-from models.olmoe import transformer
-from models.olmoe.config import TINY
+from models import transformer
+from models.families.olmoe import TINY
 
 SPEC = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 'last:2', 6)
 IDS = np.asarray([5, 17, 42, 9], np.int32)  # the "instruction" tokens: P = 4

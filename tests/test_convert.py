@@ -21,8 +21,8 @@ import pytest
 
 from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
 from c3po_jax.testing.hf_models import hf_tensor_shapes, make_hf_model, save_hf_model
-from models.olmoe import hf_mapping, transformer
-from models.olmoe.config import OLMOE_1B_7B_0924
+from models import hf_mapping, transformer
+from models.families.olmoe import OLMOE_1B_7B_0924
 
 ConversionError = hf_mapping.ConversionError
 CheckpointError = checkpoint.CheckpointError
@@ -330,7 +330,7 @@ def test_full_config_hf_tensors_fill_param_shapes_exactly(on_disk):
   c = OLMOE_1B_7B_0924
   hf_shapes = hf_tensor_shapes(c, on_disk=on_disk)
   nothing = np.dtype([])  # itemsize 0: the real shapes, no memory.
-  assembler = hf_mapping.ParamAssembler(transformer.param_shapes(c), nothing)
+  assembler = hf_mapping.ParamAssembler(c, nothing)
   for name, shape in hf_shapes.items():
     assembler.add(name, np.empty(shape, nothing))
   placed = assembler.finish()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from c3po_jax.testing import hf_models
-from models.olmoe import decode, transformer
-from models.olmoe.config import TINY
+from models import decode, transformer
+from models.families.olmoe import TINY
 
 PAD = TINY.pad_token_id
 

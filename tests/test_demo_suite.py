@@ -291,8 +291,8 @@ def test_scorer_matches_unpadded_forward(small, tok):
   import jax.numpy as jnp
 
   from c3po_jax.demo import choice_scores
-  from models.olmoe import transformer
-  from models.olmoe.config import TINY
+  from models import transformer
+  from models.families.olmoe import TINY
 
   config = TINY.replace(vocab_size=-(-tok.get_vocab_size() // 64) * 64)
   params = transformer.init_params(config, jax.random.PRNGKey(0))

@@ -25,12 +25,13 @@ from jax.sharding import PartitionSpec as P
 from c3po_jax.ckpts.checkpoint import save_checkpoint
 from c3po_jax.run import mesh as mesh_lib
 from c3po_jax.run import results
-from models.olmoe import transformer
-from models.olmoe.config import OLMOE_1B_7B_0924, OlmoeConfig
+from models import transformer
+from models.config import MoeConfig
+from models.families.olmoe import OLMOE_1B_7B_0924
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Vocabulary of the OLMoE tokenizer (ids up to 50279); everything else tiny.
-TINY = OlmoeConfig(
+TINY = MoeConfig(
   vocab_size=50304,
   hidden_size=32,
   intermediate_size=16,

@@ -140,6 +140,6 @@ def _functions_naming(name: str) -> set[str]:
 
 def test_one_decoder_layer_loop():
   """Only `transformer.decoder_stack` runs decoder layers; forward, decode and prefix call it."""
-  assert _functions_naming('decoder_layer') == {'models.olmoe.transformer.decoder_stack'}
+  assert _functions_naming('decoder_layer') == {'models.transformer.decoder_stack'}
   callers = {f.rsplit('.', 1)[0] for f in _functions_naming('decoder_stack')}
-  assert {'models.olmoe.transformer', 'models.olmoe.decode', 'models.olmoe.prefix'} <= callers
+  assert {'models.transformer', 'models.decode', 'models.prefix'} <= callers

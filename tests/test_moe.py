@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.olmoe import moe, routing
+from models import dispatch as moe
+from models import routing
 
 D, F = 8, 6
 

@@ -20,7 +20,7 @@ import pytest
 
 from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
 from c3po_jax.testing.hf_models import hf_reference, make_hf_model, padded_batch, save_hf_model
-from models.olmoe import transformer
+from models import transformer
 
 TOL = 1e-4  # float32 vs PyTorch float32
 CONFIGS = {

@@ -19,8 +19,8 @@ from jax.flatten_util import ravel_pytree
 
 from c3po_jax.testing import hf_models
 from c3po_jax.testing.torch_c3po import c3po_moe
-from models.olmoe import routing, transformer
-from models.olmoe.config import TINY
+from models import routing, transformer
+from models.families.olmoe import TINY
 
 E = TINY.num_experts
 L = TINY.num_hidden_layers

@@ -21,8 +21,8 @@ import pytest
 from c3po_jax.remix import engine, losses, methods, scoring, state_cache
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.tasks.encoding import EncodedPrompt
-from models.olmoe import transformer
-from models.olmoe.config import TINY
+from models import transformer
+from models.families.olmoe import TINY
 
 CONFIG = TINY.replace(num_hidden_layers=4)
 L, E = CONFIG.num_hidden_layers, CONFIG.num_experts

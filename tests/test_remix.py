@@ -12,9 +12,9 @@ import pytest
 from c3po_jax.remix import engine, methods, scoring
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.tasks.encoding import EncodedPrompt
-from models.olmoe import moe as moe_lib
-from models.olmoe import transformer
-from models.olmoe.config import TINY
+from models import dispatch as moe_lib
+from models import transformer
+from models.families.olmoe import TINY
 
 L, E = TINY.num_hidden_layers, TINY.num_experts
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.olmoe import routing
+from models import routing
 
 E = 8
 

@@ -60,6 +60,6 @@ def test_console_and_rerun(ckpt, tmp_path):
     f'error: {out} already has results: pass --resume to continue that run, --overwrite to '
     'replace it, or choose another --output_dir'
   )
-  assert 'model: OlmoeConfig' not in again.stderr  # refused before the model loaded
+  assert 'model: MoeConfig' not in again.stderr  # refused before the model loaded
   assert _main(*flags, '--overwrite').returncode == 0
   assert _main(*flags, '--resume', '--max_test_samples=1').returncode == 2

@@ -10,7 +10,7 @@ from c3po_jax.tasks import encoding, load_examples
 from c3po_jax.tasks.tokenizer import load_tokenizer
 from c3po_jax.testing.checkpoints import TINY_TOKENIZER_CONFIG as CFG
 from c3po_jax.testing.checkpoints import tiny_params
-from models.olmoe import transformer
+from models import transformer
 
 
 @pytest.fixture(scope='module')

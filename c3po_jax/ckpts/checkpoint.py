@@ -2,7 +2,7 @@
 
 Our format (written by `save_checkpoint`, atomically):
 
-  <dir>/config.json           OlmoeConfig.to_hf_config() (model_type olmoe)
+  <dir>/config.json           the HF config.json of the model's family
   <dir>/params/               Orbax PyTree checkpoint of the parameter tree
   <dir>/c3po_checkpoint.json  format name and version, dtype (written last)
   <dir>/tokenizer.json ...    copies of the tokenizer files, if given
@@ -40,8 +40,8 @@ from absl import logging
 from c3po_jax.ckpts import hf_snapshot
 from c3po_jax.ckpts.hf_snapshot import CONFIG_FILE, CheckpointError, read_config
 from c3po_jax.common import files
-from models.olmoe import transformer
-from models.olmoe.config import OlmoeConfig
+from models import families, transformer
+from models.config import MoeConfig
 
 FORMAT = 'c3po-jax/olmoe'
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ def _is_shape(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def _check_tree(tree: dict, config: OlmoeConfig, where: str) -> None:
+def _check_tree(tree: dict, config: MoeConfig, where: str) -> None:
   """Raises CheckpointError unless tree's leaf shapes equal param_shapes(config)."""
   want = transformer.param_shapes(config)
   want_flat = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=_is_shape)[0])
@@ -123,7 +123,7 @@ def _dtype_name(params: dict) -> str:
 
 def save_checkpoint(
   output_dir: str,
-  config: OlmoeConfig,
+  config: MoeConfig,
   params: dict,
   *,
   extra_files: Sequence[str] = (),
@@ -148,7 +148,7 @@ def save_checkpoint(
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{base}.tmp-{_owner()}-', dir=parent)
   try:
-    files.write_json(os.path.join(tmp, CONFIG_FILE), config.to_hf_config())
+    files.write_json(os.path.join(tmp, CONFIG_FILE), families.to_hf_config(config))
     for path in extra_files:
       shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
     _orbax_save(os.path.join(tmp, PARAMS_DIR), params)
@@ -276,7 +276,7 @@ def _shardings_tree(shardings, shapes: dict) -> dict:
   return shardings
 
 
-def _load_converted(path: str, dtype, shardings) -> tuple[OlmoeConfig, dict]:
+def _load_converted(path: str, dtype, shardings) -> tuple[MoeConfig, dict]:
   import orbax.checkpoint as ocp
 
   meta_path = os.path.join(path, METADATA_FILE)
@@ -323,7 +323,7 @@ def _load_converted(path: str, dtype, shardings) -> tuple[OlmoeConfig, dict]:
   return config, params
 
 
-def load_checkpoint(path: str, dtype=None, shardings=None) -> tuple[OlmoeConfig, dict]:
+def load_checkpoint(path: str, dtype=None, shardings=None) -> tuple[MoeConfig, dict]:
   """(config, params) from our checkpoint or a local HF OLMoE snapshot.
 
   Args:

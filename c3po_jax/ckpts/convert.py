@@ -23,8 +23,8 @@ from absl import app, flags, logging
 
 from c3po_jax.ckpts import checkpoint, hf_snapshot
 from c3po_jax.common import cli
-from models.olmoe import transformer
-from models.olmoe.config import OlmoeConfig
+from models import transformer
+from models.config import MoeConfig
 
 TOKENIZER_FILES = (
   'tokenizer.json',
@@ -43,14 +43,14 @@ class ConversionResult:
   """What `convert` wrote and read."""
 
   output_dir: str
-  config: OlmoeConfig
+  config: MoeConfig
   dtype: str
   consumed: tuple[str, ...]  # HF tensors placed, each exactly once
   skipped: tuple[str, ...]  # lm_head.weight of tied embeddings
   copied: tuple[str, ...]  # tokenizer files copied
 
 
-def conversion_peak_terms(config: OlmoeConfig, dtype, source_dtype='float32') -> dict[str, int]:
+def conversion_peak_terms(config: MoeConfig, dtype, source_dtype='float32') -> dict[str, int]:
   """Bytes of host memory the converter holds at its peak, by cause.
 
   tree: every parameter, pre-allocated in the target dtype (from the abstract
@@ -74,7 +74,7 @@ def conversion_peak_terms(config: OlmoeConfig, dtype, source_dtype='float32') ->
   return {'tree': tree, 'hf_tensor': hf_tensor, 'relayout': hf_tensor, 'orbax': 0}
 
 
-def conversion_peak_bytes(config: OlmoeConfig, dtype, source_dtype='float32') -> int:
+def conversion_peak_bytes(config: MoeConfig, dtype, source_dtype='float32') -> int:
   """Upper bound on the converter's peak host memory in bytes (see terms)."""
   return sum(conversion_peak_terms(config, dtype, source_dtype).values())
 

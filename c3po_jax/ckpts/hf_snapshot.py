@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from models.olmoe import hf_mapping, transformer
-from models.olmoe.config import ConfigError, OlmoeConfig
+from models import families, hf_mapping
+from models.config import ConfigError, MoeConfig
 
 CONFIG_FILE = 'config.json'
 SAFETENSORS_FILE = 'model.safetensors'
@@ -48,15 +48,15 @@ def read_json(path: str) -> dict:
   return out
 
 
-def read_config(directory: str) -> OlmoeConfig:
-  """The OlmoeConfig of a checkpoint directory (ours or HF) from config.json."""
+def read_config(directory: str) -> MoeConfig:
+  """The MoeConfig of a checkpoint directory (ours or HF) from config.json."""
   if not os.path.isdir(directory):
     raise CheckpointError(f'checkpoint directory {directory} does not exist')
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise CheckpointError(f'{directory} has no {CONFIG_FILE}: not a model checkpoint')
   try:
-    return OlmoeConfig.from_hf_config(read_json(path))
+    return families.from_hf_config(read_json(path))
   except ConfigError as e:
     raise CheckpointError(f'{path}: {e}') from e
 
@@ -202,7 +202,7 @@ def _stored_dtype(paths: Sequence[str]) -> np.dtype:
 class HFCheckpoint:
   """An HF snapshot converted to our layout (numpy leaves)."""
 
-  config: OlmoeConfig
+  config: MoeConfig
   params: dict
   consumed: tuple[str, ...]  # HF tensor names placed, in reading order
   skipped: tuple[str, ...]  # lm_head.weight when the embeddings are tied
@@ -217,7 +217,7 @@ def read_hf_checkpoint(hf_dir: str, dtype=None) -> HFCheckpoint:
   config = read_config(hf_dir)
   paths = hf_weight_files(hf_dir)
   dtype = _stored_dtype(paths) if dtype is None else jnp.dtype(dtype)
-  assembler = hf_mapping.ParamAssembler(transformer.param_shapes(config), dtype)
+  assembler = hf_mapping.ParamAssembler(config, dtype)
   skipped = []
   for i, path in enumerate(paths):
     source = os.path.basename(path)

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from c3po_jax.tasks.prompts import format_question
-from models.olmoe import transformer
-from models.olmoe.config import OlmoeConfig
+from models import transformer
+from models.config import MoeConfig
 
 
 @functools.partial(jax.jit, static_argnames='config')
-def _sequence_scores(params, tokens, mask, weights, *, config: OlmoeConfig):
+def _sequence_scores(params, tokens, mask, weights, *, config: MoeConfig):
   """[B] sum over t of weights[b, t] * log p(tokens[b, t + 1] | tokens[b, :t + 1])."""
   out = transformer.forward(params, tokens, config=config, attention_mask=mask)
   logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, T-1, V]
@@ -41,7 +41,7 @@ def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 def choice_log_probs(
   params,
-  config: OlmoeConfig,
+  config: MoeConfig,
   tokenizer,
   records: Sequence[dict],
   *,
@@ -87,7 +87,7 @@ def predictions(log_probs: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def accuracy(
-  params, config: OlmoeConfig, tokenizer, records: Sequence[dict], *, fmt: str = 'rc', **kwargs
+  params, config: MoeConfig, tokenizer, records: Sequence[dict], *, fmt: str = 'rc', **kwargs
 ) -> float:
   """Fraction of records whose argmax choice is the gold one."""
   lp = choice_log_probs(params, config, tokenizer, records, fmt=fmt, **kwargs)

@@ -40,8 +40,8 @@ from absl import app, flags, logging
 
 from c3po_jax.ckpts import checkpoint
 from c3po_jax.demo import bpe, choice_scores, data, suite
-from models.olmoe import transformer
-from models.olmoe.config import OlmoeConfig
+from models import transformer
+from models.config import MoeConfig
 
 METADATA_FILE = 'demo.json'
 SUITE_DIR = 'suite'
@@ -72,8 +72,8 @@ class TrainConfig:
   eval_every: int = 1000
 
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> OlmoeConfig:
-  return OlmoeConfig(
+def model_config(cfg: TrainConfig, vocab_size: int) -> MoeConfig:
+  return MoeConfig(
     vocab_size=-(-vocab_size // 64) * 64,
     hidden_size=cfg.hidden_size,
     intermediate_size=cfg.expert_hidden,
@@ -122,7 +122,7 @@ def route_loss(
   return jnp.sum(nll * valid[None]) / jnp.maximum(num_layers * jnp.sum(valid), 1.0)
 
 
-def loss_fn(params, batch: data.Batch, config: OlmoeConfig, aux_coef: float, route=None):
+def loss_fn(params, batch: data.Batch, config: MoeConfig, aux_coef: float, route=None):
   """route: None, or (coef, num_layers, num_groups) of the routing loss."""
   out = transformer.forward(params, batch.inputs, config=config, attention_mask=batch.mask)
   logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, T, V]

@@ -43,8 +43,8 @@ import numpy as np
 import optax
 
 from c3po_jax.remix import losses, scoring
-from models.olmoe import decode, transformer
-from models.olmoe.config import OlmoeConfig
+from models import decode, transformer
+from models.config import MoeConfig
 
 KINDS = ('soft_prompt', 'prefix_tuning')
 PREFIX_LAYERS = ('all', 'critical')
@@ -80,7 +80,7 @@ def init_ids(tokenizer, text: str, length: int) -> np.ndarray:
   return np.asarray([ids[i % len(ids)] for i in range(length)], np.int32)
 
 
-def prefix_layer_ids(bc: BaselineConfig, config: OlmoeConfig, critical) -> tuple[int, ...]:
+def prefix_layer_ids(bc: BaselineConfig, config: MoeConfig, critical) -> tuple[int, ...]:
   """The layers prefix tuning trains a key/value prefix for."""
   if bc.prefix_layers == 'all':
     return tuple(range(config.num_hidden_layers))
@@ -89,7 +89,7 @@ def prefix_layer_ids(bc: BaselineConfig, config: OlmoeConfig, critical) -> tuple
   raise ValueError(f'prefix_layers={bc.prefix_layers!r}, expected one of {PREFIX_LAYERS}')
 
 
-def prompt_init(kind: str, params, config: OlmoeConfig, ids: jax.Array, layer_ids) -> dict:
+def prompt_init(kind: str, params, config: MoeConfig, ids: jax.Array, layer_ids) -> dict:
   """The initial prompt (float32) of ids [P].
 
   soft_prompt: {'embeds': [P, D]}; prefix_tuning: {layer: LayerCache, k and v
@@ -174,7 +174,7 @@ def fit(kind, params, config, loss_kind, bc, layer_ids, test, data, weights, ids
   return scores, jnp.concatenate([trace, final[None]]), finite
 
 
-def run(kind: str, params, config: OlmoeConfig, ec, tests, data, weights, ids) -> PromptOutcome:
+def run(kind: str, params, config: MoeConfig, ec, tests, data, weights, ids) -> PromptOutcome:
   """Both baselines, batched: `fit` under `jax.vmap` over Q test samples.
 
   tests: ChoiceBatch [Q, S, T]; data: the neighbours' ChoiceBatch [Q, N, S, T];

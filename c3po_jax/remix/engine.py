@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from c3po_jax.remix import baselines, losses, methods, scoring
 from c3po_jax.remix import pathway as pw_lib
-from models.olmoe.config import OlmoeConfig
+from models.config import MoeConfig
 
 LOSS_KINDS = ('choice_ce', 'gold_nll')
 
@@ -54,7 +54,7 @@ class Outcome:
 class Engine:
   """Batched C3PO on one model. All public methods take params first."""
 
-  def __init__(self, config: OlmoeConfig, ec: EngineConfig, loss_backend=losses.PrefixLoss):
+  def __init__(self, config: MoeConfig, ec: EngineConfig, loss_backend=losses.PrefixLoss):
     if ec.loss not in LOSS_KINDS:
       raise ValueError(f'loss={ec.loss!r}, expected one of {LOSS_KINDS}')
     self.config = config

@@ -14,7 +14,7 @@ config, ec, mode)` returns loss_fn(w, cs, prepared, weights, anchors=None).
 
 * `NaiveLoss` (the reference): every call re-runs all neighbours' sequences.
 * `PrefixLoss`: `prepare` keeps each sequence's prefix state
-  (`models.olmoe.prefix`) and each call runs only the window (mc: the last
+  (`models.prefix`) and each call runs only the window (mc: the last
   context token; rc: it and the continuation tokens) through the layers from
   the first critical one on, then only the logits that score a choice (mc
   with the choice loss: the C choice tokens' columns of the LM head). Equal
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix import scoring
-from models.olmoe import prefix, transformer
-from models.olmoe.config import OlmoeConfig
+from models import prefix, transformer
+from models.config import MoeConfig
 
 
 def neighbour_pathway(w, cs, spec, mode: str, anchors, n: int, s: int) -> dict:
@@ -70,7 +70,7 @@ class NaiveLoss:
     return data
 
   @staticmethod
-  def make_scores(params, config: OlmoeConfig, ec, mode: str):
+  def make_scores(params, config: MoeConfig, ec, mode: str):
     def scores_fn(w, cs, data: scoring.ChoiceBatch, anchors=None):
       n, s = data.tokens.shape[:2]
       pathway = neighbour_pathway(w, cs, ec.spec, mode, anchors, n, s)
@@ -80,7 +80,7 @@ class NaiveLoss:
     return scores_fn
 
   @classmethod
-  def make_loss(cls, params, config: OlmoeConfig, ec, mode: str | None = None):
+  def make_loss(cls, params, config: MoeConfig, ec, mode: str | None = None):
     scores_fn = cls.make_scores(params, config, ec, mode or ec.opt_pathway_mode)
     return weighted_loss(scores_fn, ec.loss)
 
@@ -115,7 +115,7 @@ def _flat(a: jax.Array) -> jax.Array:
   return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
-def prepare_prefix(params, config: OlmoeConfig, first_layer: int, data: scoring.ChoiceBatch):
+def prepare_prefix(params, config: MoeConfig, first_layer: int, data: scoring.ChoiceBatch):
   """One pathway-free pass over N neighbours [N, S, T] -> PrefixState.
 
   Expects `scoring.make_batch` layouts: choice j's continuation is scored at
@@ -140,7 +140,7 @@ def prepare_prefix(params, config: OlmoeConfig, first_layer: int, data: scoring.
 
 
 def window_scores(
-  params, config: OlmoeConfig, hidden: jax.Array, st: PrefixState, *, logits_only: bool = False
+  params, config: MoeConfig, hidden: jax.Array, st: PrefixState, *, logits_only: bool = False
 ) -> jax.Array:
   """Final-normed window states [N, S, U, D] -> choice scores [N, C].
 
@@ -183,11 +183,11 @@ class PrefixLoss:
   """Loss backend on prefix-cached neighbour states (see the module docstring)."""
 
   @staticmethod
-  def prepare(params, config: OlmoeConfig, ec, data: scoring.ChoiceBatch) -> PrefixState:
+  def prepare(params, config: MoeConfig, ec, data: scoring.ChoiceBatch) -> PrefixState:
     return prepare_prefix(params, config, min(ec.spec.layers), data)
 
   @staticmethod
-  def make_scores(params, config: OlmoeConfig, ec, mode: str, *, logits_only: bool = False):
+  def make_scores(params, config: MoeConfig, ec, mode: str, *, logits_only: bool = False):
     """scores_fn(w [Cl, Kc], cs, st: PrefixState [N, ...], anchors=None) -> scores [N, C]."""
     first = min(ec.spec.layers)
 
@@ -203,7 +203,7 @@ class PrefixLoss:
     return scores_fn
 
   @classmethod
-  def make_loss(cls, params, config: OlmoeConfig, ec, mode: str | None = None):
+  def make_loss(cls, params, config: MoeConfig, ec, mode: str | None = None):
     # The choice loss compares choices only: logits of the choice tokens suffice.
     scores_fn = cls.make_scores(
       params, config, ec, mode or ec.opt_pathway_mode, logits_only=ec.loss == 'choice_ce'

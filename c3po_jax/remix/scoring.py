@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from c3po_jax.tasks.encoding import EncodedPrompt
-from models.olmoe import transformer
-from models.olmoe.config import OlmoeConfig
+from models import transformer
+from models.config import MoeConfig
 
 # Which context token of each sequence is re-mixed (the paper's Table 3).
 POSITIONS = ('last', 'first', 'middle')
@@ -189,7 +189,7 @@ def analyze(
   params: transformer.Params,
   batch: ChoiceBatch,
   *,
-  config: OlmoeConfig,
+  config: MoeConfig,
   pathway: transformer.Pathway | None = None,
   pathway_mode: str = 'topk',
   prefix_embeds: jax.Array | None = None,

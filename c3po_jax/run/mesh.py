@@ -32,8 +32,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.olmoe import transformer
-from models.olmoe.config import OlmoeConfig
+from models import transformer
+from models.config import MoeConfig
 
 MESH_AXES = ('data', 'expert', 'model')
 
@@ -136,7 +136,7 @@ def _is_shape(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def param_specs(config: OlmoeConfig) -> dict:
+def param_specs(config: MoeConfig) -> dict:
   """A PartitionSpec per parameter, in the tree of transformer.param_shapes."""
 
   def spec(path, shape):
@@ -149,7 +149,7 @@ def param_specs(config: OlmoeConfig) -> dict:
   return jax.tree_util.tree_map_with_path(spec, transformer.param_shapes(config), is_leaf=_is_shape)
 
 
-def param_shardings(config: OlmoeConfig, mesh: Mesh) -> dict:
+def param_shardings(config: MoeConfig, mesh: Mesh) -> dict:
   """NamedShardings for load_checkpoint; checks every split dimension divides."""
   specs = param_specs(config)
   bad = []

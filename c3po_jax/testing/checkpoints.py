@@ -6,11 +6,11 @@ import jax
 import numpy as np
 
 from c3po_jax.ckpts.checkpoint import save_checkpoint
-from models.olmoe import transformer
-from models.olmoe.config import OlmoeConfig
+from models import transformer
+from models.config import MoeConfig
 
 # vocab_size covers the OLMoE tokenizer (ids up to 50279); everything else tiny.
-TINY_TOKENIZER_CONFIG = OlmoeConfig(
+TINY_TOKENIZER_CONFIG = MoeConfig(
   vocab_size=50304,
   hidden_size=32,
   intermediate_size=16,
@@ -23,10 +23,10 @@ TINY_TOKENIZER_CONFIG = OlmoeConfig(
 )
 
 
-def tiny_params(config: OlmoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0):
+def tiny_params(config: MoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0):
   return transformer.init_params(config, jax.random.PRNGKey(seed))
 
 
-def make_checkpoint(path: str, config: OlmoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0) -> str:
+def make_checkpoint(path: str, config: MoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0) -> str:
   params = jax.tree.map(np.asarray, tiny_params(config, seed))
   return save_checkpoint(str(path), config, params, overwrite=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from models.olmoe import hf_mapping, transformer
-from models.olmoe.config import OlmoeConfig
+from models import families, hf_mapping
+from models.config import MoeConfig
 
 TINY_HF_KWARGS = dict(
   vocab_size=128,
@@ -41,10 +41,10 @@ def make_hf_model(seed: int = 0, **overrides):
   return model, hf_config
 
 
-def params_from_torch(model) -> tuple[OlmoeConfig, dict]:
+def params_from_torch(model) -> tuple[MoeConfig, dict]:
   """Converts an in-memory torch model with our name table (no files)."""
-  config = OlmoeConfig.from_hf_config(model.config.to_dict())
-  assembler = hf_mapping.ParamAssembler(transformer.param_shapes(config), np.float32)
+  config = families.from_hf_config(model.config.to_dict())
+  assembler = hf_mapping.ParamAssembler(config, np.float32)
   for name, tensor in model.state_dict().items():
     if config.tie_word_embeddings and name == 'lm_head.weight':
       continue
@@ -95,7 +95,7 @@ def hf_reference(model, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarra
   return out.logits.float().numpy(), probs.numpy()
 
 
-def hf_tensor_shapes(config: OlmoeConfig, on_disk: bool = True) -> dict[str, tuple[int, ...]]:
+def hf_tensor_shapes(config: MoeConfig, on_disk: bool = True) -> dict[str, tuple[int, ...]]:
   """HF tensor names and shapes for a config, from a meta-device model (no memory).
 
   on_disk: the per-expert layout `save_pretrained` writes (and the Hub
@@ -107,7 +107,7 @@ def hf_tensor_shapes(config: OlmoeConfig, on_disk: bool = True) -> dict[str, tup
   from transformers.core_model_loading import revert_weight_conversion
 
   with torch.device('meta'):
-    model = OlmoeForCausalLM(HFOlmoeConfig(**config.to_hf_config()))
+    model = OlmoeForCausalLM(HFOlmoeConfig(**families.to_hf_config(config)))
   state = model.state_dict()
   if on_disk:
     state = revert_weight_conversion(model, state)

@@ -1,94 +1,38 @@
-"""The one place that knows Hugging Face's OLMoE tensor names and layouts.
+"""Reading Hugging Face tensors into our parameter tree, for any supported family.
 
-`hf_target(name)` maps an HF tensor name to where it lands in our parameter
-tree (see `models.olmoe.transformer.param_shapes`), with the expert index for
-per-expert tensors and the layout hook that turns the HF array into ours.
+Each family's tensor names live in its file under `models/families/` (a table
+of regex rules); `hf_target(name, rules)` maps an HF tensor name to where it
+lands in our parameter tree (see `models.params.param_shapes`), with the
+expert index for per-expert tensors and the layout hook that turns the HF
+array into ours. `ParamAssembler` fills the tree and checks that every slot
+is filled exactly once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
 
-_LAYER = r'model\.layers\.(\d+)\.'
+from models import families
+from models.config import MoeConfig
+from models.families.common import Rule, Target, t_stacked
+from models.params import param_shapes
+
+_COMPILED: dict[int, list] = {}
 
 
-def _t(x: np.ndarray) -> np.ndarray:
-  """torch Linear [out, in] -> ours [in, out]."""
-  return np.ascontiguousarray(x.T)
+def _compiled(rules: Sequence[Rule]) -> list:
+  key = id(rules)
+  if key not in _COMPILED:
+    _COMPILED[key] = [(re.compile(p + r'$'), f) for p, f in rules]
+  return _COMPILED[key]
 
 
-def _t_stacked(x: np.ndarray) -> np.ndarray:
-  """[E, out, in] -> [E, in, out]."""
-  return np.ascontiguousarray(np.swapaxes(x, 1, 2))
-
-
-def _same(x: np.ndarray) -> np.ndarray:
-  return x
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """Where one HF tensor goes.
-
-  path: key path into our tree. expert: index on the leading expert axis for
-  per-expert tensors (None: the whole leaf). split: for HF's fused
-  `gate_up_proj` [E, 2F, D], the paths of its two halves along dim 1 (gate
-  first, then up); None otherwise.
-  """
-
-  path: tuple[str, ...]
-  transform: Callable[[np.ndarray], np.ndarray]
-  expert: int | None = None
-  split: tuple[tuple[str, ...], ...] | None = None
-
-
-# (regex, function of the match groups -> Target)
-_TABLE: list[tuple[str, Callable[..., Target]]] = [
-  (r'model\.embed_tokens\.weight', lambda: Target(('embed',), _same)),
-  (r'model\.norm\.weight', lambda: Target(('final_norm',), _same)),
-  (r'lm_head\.weight', lambda: Target(('lm_head',), _t)),
-  (_LAYER + r'input_layernorm\.weight', lambda i: Target((f'layer_{i}', 'input_norm'), _same)),
-  (
-    _LAYER + r'post_attention_layernorm\.weight',
-    lambda i: Target((f'layer_{i}', 'post_attn_norm'), _same),
-  ),
-  (
-    _LAYER + r'self_attn\.(q|k|v|o)_proj\.weight',
-    lambda i, n: Target((f'layer_{i}', 'attn', n), _t),
-  ),
-  (
-    _LAYER + r'self_attn\.(q|k)_norm\.weight',
-    lambda i, n: Target((f'layer_{i}', 'attn', f'{n}_norm'), _same),
-  ),
-  (_LAYER + r'mlp\.gate\.weight', lambda i: Target((f'layer_{i}', 'moe', 'router'), _t)),
-  (
-    _LAYER + r'mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight',
-    lambda i, e, n: Target((f'layer_{i}', 'moe', n), _t, expert=int(e)),
-  ),
-  # Fused layouts written by some transformers versions.
-  (
-    _LAYER + r'mlp\.experts\.gate_up_proj',
-    lambda i: Target(
-      (f'layer_{i}', 'moe', 'gate'),
-      _t_stacked,
-      split=((f'layer_{i}', 'moe', 'gate'), (f'layer_{i}', 'moe', 'up')),
-    ),
-  ),
-  (
-    _LAYER + r'mlp\.experts\.down_proj',
-    lambda i: Target((f'layer_{i}', 'moe', 'down'), _t_stacked),
-  ),
-]
-_COMPILED = [(re.compile(p + r'$'), f) for p, f in _TABLE]
-
-
-def hf_target(name: str) -> Target | None:
-  """The Target of an HF tensor name, or None if the name is not OLMoE's."""
-  for pattern, make in _COMPILED:
+def hf_target(name: str, rules: Sequence[Rule]) -> Target | None:
+  """The Target of an HF tensor name under a family's rules, or None if it has none."""
+  for pattern, make in _compiled(rules):
     m = pattern.match(name)
     if m:
       return make(*m.groups())
@@ -103,12 +47,12 @@ def place(
     # HF fused gate_up: [E, 2F, D]; gate is the first half of dim 1.
     f = array.shape[1] // 2
     gate, up = array[:, :f], array[:, f:]
-    return [(target.split[0], None, _t_stacked(gate)), (target.split[1], None, _t_stacked(up))]
+    return [(target.split[0], None, t_stacked(gate)), (target.split[1], None, t_stacked(up))]
   return [(target.path, target.expert, target.transform(array))]
 
 
 class ConversionError(ValueError):
-  """An HF checkpoint that does not match the expected OLMoE layout."""
+  """An HF checkpoint that does not match its family's expected layout."""
 
 
 def _is_shape(x) -> bool:
@@ -124,9 +68,12 @@ class ParamAssembler:
   mis-shaped tensors raise ConversionError naming the tensor (and its source).
   """
 
-  def __init__(self, shapes: dict, dtype):
+  def __init__(self, config: MoeConfig, dtype):
     import flax.traverse_util as tu
 
+    shapes = param_shapes(config)
+    self._rules = families.family(config.model_type).rules
+    self._family = config.model_type
     self._dtype = np.dtype(dtype)
     self._leaves = {
       path: np.zeros(shape, self._dtype)
@@ -135,15 +82,15 @@ class ParamAssembler:
     # Per leaf: how many times each (expert or whole) slot was written.
     self._filled: dict[tuple[str, ...], np.ndarray] = {}
     for path, leaf in self._leaves.items():
-      n = leaf.shape[0] if path[-1] in ('gate', 'up', 'down') else 1
+      n = leaf.shape[0] if 'experts' in path else 1  # routed experts: one slot each
       self._filled[path] = np.zeros(n, np.int32)
     self.consumed: list[str] = []
 
   def add(self, name: str, array: np.ndarray, source: str = '') -> None:
     where = f' (in {source})' if source else ''
-    target = hf_target(name)
+    target = hf_target(name, self._rules)
     if target is None:
-      raise ConversionError(f'unexpected tensor {name!r}{where}: not part of OLMoE')
+      raise ConversionError(f'unexpected tensor {name!r}{where}: not part of {self._family}')
     for path, expert, value in place(target, np.asarray(array)):
       if path not in self._leaves:
         raise ConversionError(

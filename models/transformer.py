@@ -1,18 +1,14 @@
-"""The OLMoE decoder as a pure function of an explicit parameter pytree.
+"""The MoE decoder as a pure function of an explicit parameter pytree.
 
 `forward(params, tokens, *, config, attention_mask=None, pathway=None)` is the
-whole model. Params are a plain nested dict (see `param_shapes`); the routing
-pathway is an explicit input, so `jax.grad` and `jax.vmap` apply to it.
-
-Pathway semantics (the public C3PO code's): `pathway` maps a layer index to
-weights [B, E]. In each listed layer, the router-probability row of every
-sequence's last real token is replaced by the weights renormalized to sum to
-1, then top-k is taken on the replaced row (`pathway_mode='topk'`). With
-`pathway_mode='dense'` that token instead mixes every expert with non-zero
-pathway weight, densely, the weights being the mixing coefficients as given
-(renormalized only when `norm_topk_prob`), so gradients reach all of them;
-C3PO passes the core experts' weights and zeros elsewhere. Every other token
-and layer keeps native routing.
+whole model. Params are a plain nested dict (see `models.params`); the
+function binds them to the `flax.nnx` modules of `models.nn` inside the
+trace, so `jax.jit`, `jax.grad` with respect to the pathway and `jax.vmap`
+over samples apply with no NNX transform. The routing pathway is an explicit
+input: `pathway` maps a MoE layer's index to weights [B, E] that replace the
+router probabilities of each sequence's last real token (see `models.nn.moe`
+for both modes). Every other token and layer keeps native routing; dense
+layers (DeepSeekMoE's first, Qwen's `mlp_only_layers`) take no pathway.
 
 Trained prompts (the soft-prompt and prefix-tuning baselines) are explicit
 inputs too. `prefix_embeds` [B, P, D]: P free embeddings placed before the
@@ -37,14 +33,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.olmoe import layers, routing
-from models.olmoe import moe as moe_lib
-from models.olmoe.config import OlmoeConfig
-from models.olmoe.params import Params as Params
-from models.olmoe.params import init_params as init_params
-from models.olmoe.params import layer_name as layer_name
-from models.olmoe.params import param_shapes as param_shapes
-from models.olmoe.params import param_structs as param_structs
+from models import params as params_lib
+from models.config import MoeConfig
+from models.nn.decoder import LayerCache as LayerCache
+from models.nn.decoder import Transformer
+from models.params import Params as Params
+from models.params import init_params as init_params
+from models.params import layer_name as layer_name
+from models.params import param_shapes as param_shapes
+from models.params import param_structs as param_structs
 
 Pathway = Mapping[int, jax.Array]
 PATHWAY_MODES = ('topk', 'dense')
@@ -66,14 +63,6 @@ class ForwardOutput(HiddenOutput):
   logits: jax.Array = None  # [B, T, V] float32
 
 
-@flax.struct.dataclass
-class LayerCache:
-  """Keys and values of one layer. k, v [B, S, KV, Dh]."""
-
-  k: jax.Array
-  v: jax.Array
-
-
 def last_real_index(attention_mask: jax.Array) -> jax.Array:
   """[B, T] mask (right- or left-padded) -> [B] index of the last real token."""
   t = attention_mask.shape[1]
@@ -85,104 +74,9 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def moe_block(
-  p: dict,
-  h: jax.Array,
-  config: OlmoeConfig,
-  *,
-  last_index: jax.Array,
-  pathway: jax.Array | None,
-  pathway_mode: str,
-):
-  """Sparse MoE on normed hidden states h [B, T, D].
-
-  Returns (out [B, T, D], router logits [B, T, E], used probs [B, T, E]).
-  """
-  b, t, d = h.shape
-  logits, probs = routing.router_probs(h, p['router'])
-  if pathway is not None:
-    probs = routing.override_last_token(probs, last_index, pathway)
-  weights, indices = routing.top_k(
-    probs, config.num_experts_per_tok, config.norm_topk_prob
-  )  # [B, T, K]
-  k = config.num_experts_per_tok
-  out = moe_lib.moe_topk(
-    h.reshape(b * t, d), weights.reshape(b * t, k), indices.reshape(b * t, k), p
-  ).reshape(b, t, d)
-  if pathway is not None and pathway_mode == 'dense':
-    # The last token mixes every expert with non-zero weight, without top-k.
-    coeff = routing.dense_coefficients(pathway, config.norm_topk_prob)  # [B, E]
-    h_last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]  # [B, D]
-    out_last = moe_lib.moe_dense(h_last, coeff, p)  # [B, D]
-    is_last = routing.last_token_mask(last_index, t)[..., None]  # [B, T, 1]
-    out = jnp.where(is_last, out_last[:, None, :], out)
-  return out, logits, probs
-
-
-def decoder_layer(
-  p: dict,
-  x: jax.Array,
-  config: OlmoeConfig,
-  *,
-  positions: jax.Array,
-  query_slots: jax.Array,
-  key_valid: jax.Array,
-  last_index: jax.Array,
-  cache: LayerCache | None = None,
-  pathway: jax.Array | None = None,
-  pathway_mode: str = 'topk',
-  kv_prefix: LayerCache | None = None,
-):
-  """One pre-norm decoder layer.
-
-  Args:
-    p: this layer's parameters.
-    x: [B, T, D] residual stream.
-    positions: [B, T] RoPE positions.
-    query_slots: [B, T] key slot of each token (its index in the sequence).
-    key_valid: [B, S] which key slots may be attended (S = T without a cache).
-    last_index: [B] index (into T) of each row's last real token.
-    cache: keys/values of earlier slots; this call's keys are written at
-      query_slots and attention runs over all S slots.
-    pathway: [B, E] pathway for this layer, or None for native routing.
-    pathway_mode: 'topk' or 'dense' (see module docstring).
-    kv_prefix: k, v [B, P, KV, Dh] attended before slot 0 by every token (prefix
-      tuning); not written to the cache.
-
-  Returns:
-    (x [B, T, D], router logits [B, T, E], probs [B, T, E], new cache or None).
-  """
-  h = layers.rms_norm(x, p['input_norm'], config.rms_norm_eps)
-  q, k, v = layers.qkv(p['attn'], h, positions, config)
-  if cache is None:
-    keys, values = k, v
-  else:
-    # A scatter, not a one-hot matmul: exact at any matmul precision (TF32 and
-    # bf16 passes would round the cached keys) and O(T) rather than O(T * S).
-    # Slots outside [0, S) are dropped.
-    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
-    keys = cache.k.at[rows, query_slots].set(k.astype(cache.k.dtype), mode='drop')
-    values = cache.v.at[rows, query_slots].set(v.astype(cache.v.dtype), mode='drop')
-    cache = LayerCache(k=keys, v=values)
-  if kv_prefix is not None and kv_prefix.k.shape[1]:  # P slots in front of slot 0
-    n = kv_prefix.k.shape[1]
-    keys = jnp.concatenate([kv_prefix.k.astype(keys.dtype), keys], axis=1)  # [B, P+S, KV, Dh]
-    values = jnp.concatenate([kv_prefix.v.astype(values.dtype), values], axis=1)
-    key_valid = jnp.concatenate([jnp.ones((x.shape[0], n), bool), key_valid], axis=1)
-    query_slots = query_slots + n
-  attn = layers.attend(q, keys, values, query_slots, key_valid)
-  x = x + attn @ p['attn']['o']
-  h = layers.rms_norm(x, p['post_attn_norm'], config.rms_norm_eps)
-  out, logits, probs = moe_block(
-    p['moe'], h, config, last_index=last_index, pathway=pathway, pathway_mode=pathway_mode
-  )
-  return x + out, logits, probs, cache
-
-
 def decoder_stack(
-  params: Params,
+  model: Transformer,
   x: jax.Array,
-  config: OlmoeConfig,
   *,
   layer_ids: Sequence[int],
   positions: jax.Array,
@@ -198,31 +92,30 @@ def decoder_stack(
   """The decoder-layer loop: the one that `forward`, `decode` and `prefix` all run.
 
   Args:
-    params: model parameters.
+    model: the bound model (`models.params.bind`).
     x: [B, T, D] residual stream entering the first layer of `layer_ids`.
     layer_ids: the layers to run, in order (a range of layer indices).
-    positions, query_slots, key_valid, last_index: as in `decoder_layer`.
+    positions, query_slots, key_valid, last_index: as in `DecoderLayer`.
     caches: one LayerCache per entry of layer_ids, or None (no cache).
     pathway: {layer: [B, E]}; layers not in it keep native routing.
     pathway_mode: 'topk' or 'dense'.
-    layer: the layer function, `decoder_layer` by default; `prefix` passes its
-      window layer (same signature and outputs; it returns no routing).
+    layer: called as layer(module, x, **same keywords) instead of the module
+      itself; `prefix` passes its window layer (same outputs; no routing).
     kv_prefix: {layer: LayerCache [B, P, KV, Dh]}, prefix tuning's key/value
-      slots (see `decoder_layer`); passed only to the layers listed.
+      slots (see `DecoderLayer`); passed only to the layers listed.
 
   Returns:
     (x [B, T, D], new caches (a tuple, or None without caches), router logits
     [len(layer_ids), B, T, E] and probs, or None where `layer` returns none).
   """
-  layer = layer or decoder_layer
   pathway, kv_prefix = pathway or {}, kv_prefix or {}
   new_caches, all_logits, all_probs = [], [], []
   for j, i in enumerate(layer_ids):
     extra = {'kv_prefix': kv_prefix[i]} if i in kv_prefix else {}
-    x, logits, probs, cache = layer(
-      params[layer_name(i)],
+    module = model.layer(i)
+    run = module if layer is None else (lambda *a, _m=module, **kw: layer(_m, *a, **kw))
+    x, logits, probs, cache = run(
       x,
-      config,
       positions=positions,
       query_slots=query_slots,
       key_valid=key_valid,
@@ -243,19 +136,23 @@ def decoder_stack(
   return x, caches_out, stacked(all_logits), stacked(all_probs)
 
 
-def _check_pathway(pathway: Pathway | None, config: OlmoeConfig, mode: str):
+def _check_pathway(pathway: Pathway | None, config: MoeConfig, mode: str):
   if mode not in PATHWAY_MODES:
     raise ValueError(f'pathway_mode={mode!r}, expected one of {PATHWAY_MODES}')
   for layer in pathway or {}:
     if not 0 <= int(layer) < config.num_hidden_layers:
       raise ValueError(f'pathway layer {layer} out of range [0, {config.num_hidden_layers})')
+    if not config.is_moe_layer(int(layer)):
+      raise ValueError(
+        f'pathway layer {layer} is a dense layer (no router); MoE layers: {config.moe_layers}'
+      )
 
 
 def forward_hidden(
   params: Params,
   tokens: jax.Array,
   *,
-  config: OlmoeConfig,
+  config: MoeConfig,
   attention_mask: jax.Array | None = None,
   pathway: Pathway | None = None,
   pathway_mode: str = 'topk',
@@ -275,7 +172,8 @@ def forward_hidden(
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
-  x = params['embed'][tokens]  # [B, T, D]
+  model = params_lib.bind(params, config)
+  x = model.embed(tokens)  # [B, T, D]
   p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
   if p:  # a soft prompt: P embeddings in front, on real slots and positions
     x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)  # [B, P+T, D]
@@ -297,9 +195,8 @@ def forward_hidden(
   pathway = {int(k): v for k, v in (pathway or {}).items()}
 
   x, _, all_logits, all_probs = decoder_stack(
-    params,
+    model,
     x,
-    config,
     layer_ids=range(config.num_hidden_layers),
     positions=positions,
     query_slots=query_slots,
@@ -310,7 +207,7 @@ def forward_hidden(
     kv_prefix=kv_prefix,
   )
   # The soft prompt's positions out: [B, P+T, ...] -> the tokens' [B, T, ...].
-  hidden = layers.rms_norm(x[:, p:], params['final_norm'], config.rms_norm_eps)
+  hidden = model.final_norm(x[:, p:])
   last_index = last_index - p
   last_hidden = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
   return HiddenOutput(
@@ -322,20 +219,16 @@ def forward_hidden(
   )
 
 
-def lm_head(params: Params, hidden: jax.Array, config: OlmoeConfig) -> jax.Array:
+def lm_head(params: Params, hidden: jax.Array, config: MoeConfig) -> jax.Array:
   """[..., D] -> [..., V] float32 logits (tied or untied head)."""
-  if config.tie_word_embeddings:
-    w = params['embed'].T
-  else:
-    w = params['lm_head']
-  return (hidden @ w.astype(hidden.dtype)).astype(jnp.float32)
+  return params_lib.bind(params, config).logits(hidden)
 
 
 def forward(
   params: Params,
   tokens: jax.Array,
   *,
-  config: OlmoeConfig,
+  config: MoeConfig,
   attention_mask: jax.Array | None = None,
   pathway: Pathway | None = None,
   pathway_mode: str = 'topk',

@@ -30,12 +30,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.olmoe import layers, routing, transformer
-from models.olmoe import moe as moe_lib
-from models.olmoe.config import OlmoeConfig
-
-# Masked attention scores, as in `layers.attend`: finite, so no NaN.
-_MASKED = -1e30
+from models import params as params_lib
+from models import transformer
+from models.config import MoeConfig
+from models.nn.decoder import DecoderLayer
+from models.nn.layers import MASKED
 
 
 @flax.struct.dataclass
@@ -63,7 +62,7 @@ class PrefixWindow:
 
 
 def prepare(
-  params, config: OlmoeConfig, first_layer: int, tokens, mask, window_start, window: int
+  params, config: MoeConfig, first_layer: int, tokens, mask, window_start, window: int
 ) -> PrefixWindow:
   """One native pass over tokens [B, T] (mask [B, T]) -> the prefix state.
 
@@ -83,24 +82,22 @@ def prepare(
     key_valid=key_valid,
     last_index=window_start,
   )
-  x = params['embed'][tokens]  # [B, T, D]
-  x, _, _, _ = transformer.decoder_stack(params, x, config, layer_ids=range(first_layer), **common)
+  model = params_lib.bind(params, config)
+  x = model.embed(tokens)  # [B, T, D]
+  x, _, _, _ = transformer.decoder_stack(model, x, layer_ids=range(first_layer), **common)
   x_win = jnp.take_along_axis(x, gather[:, :, None], axis=1)  # [B, U, D]
-  empty = jnp.zeros((b, t, config.num_key_value_heads, config.head_dim), params['embed'].dtype)
+  empty = jnp.zeros((b, t, config.num_key_value_heads, config.head_dim), x.dtype)
   # Nothing reads the last layer's outputs at the prefix: its keys and values only.
   mid = range(first_layer, num_layers - 1)
   x, caches, _, _ = transformer.decoder_stack(
-    params,
+    model,
     x,
-    config,
     layer_ids=mid,
     caches=[transformer.LayerCache(k=empty, v=empty)] * len(mid),
     **common,
   )
-  last = params[transformer.layer_name(num_layers - 1)]
-  _, k, v = layers.qkv(
-    last['attn'], layers.rms_norm(x, last['input_norm'], config.rms_norm_eps), positions, config
-  )
+  last = model.layer(num_layers - 1)
+  _, k, v = last.attn.qkv(last.input_norm(x), positions)
   state = PrefixWindow(
     x=x_win,
     k=jnp.stack([c.k for c in caches] + [k], axis=1),
@@ -110,53 +107,6 @@ def prepare(
     slots=slots.astype(jnp.int32),
   )
   return jax.lax.stop_gradient(state)
-
-
-def mix_all_experts(moe: dict, x: jax.Array, combine: jax.Array) -> jax.Array:
-  """`moe.moe_dense` as expert-batched matmuls: x [B, D], combine [B, E] -> [B, D].
-
-  Each expert's weights are one operand of a batched matmul over E, read as
-  stored; `moe_dense`'s einsums make XLA re-lay them out on every call.
-  """
-  dims = (((2,), (1,)), ((0,), (0,)))  # contract D (then F), batch over E
-  xe = jnp.broadcast_to(x[None], (moe['gate'].shape[0],) + x.shape)  # [E, B, D]
-  gate = jax.lax.dot_general(xe, moe['gate'].astype(x.dtype), dims)  # [E, B, F]
-  up = jax.lax.dot_general(xe, moe['up'].astype(x.dtype), dims)
-  a = jax.nn.silu(gate) * up
-  a = (a.astype(jnp.float32) * combine.T[..., None]).astype(x.dtype)  # [E, B, F]
-  y = jax.lax.dot_general(a, moe['down'].astype(x.dtype), dims)  # [E, B, D]
-  return jnp.sum(y.astype(jnp.float32), axis=0).astype(x.dtype)
-
-
-def _window_moe(p, h, config: OlmoeConfig, pathway, pathway_mode: str):
-  """`transformer.moe_block` on window tokens h [B, U, D]; the pathway token is index 0.
-
-  A window is a few tokens per sequence. With few assignments every expert
-  runs on every window token (each expert's weights read once for the whole
-  batch under vmap) and the top-k weights, zero elsewhere, mix them:
-  gathering each assignment's expert weights instead is memory-bound, and
-  slower. Many tokens (rc) take the model's sorted dispatch.
-  """
-  b, u, d = h.shape
-  e, k = config.num_experts, config.num_experts_per_tok
-  _, probs = routing.router_probs(h, p['router'])
-  if pathway is not None:
-    probs = routing.override_last_token(probs, jnp.zeros((b,), jnp.int32), pathway)
-  weights, indices = routing.top_k(probs, k, config.norm_topk_prob)  # [B, U, K]
-  dense_row = None
-  if pathway is not None and pathway_mode == 'dense':
-    dense_row = routing.dense_coefficients(pathway, config.norm_topk_prob)  # [B, E]
-  if b * u * k <= e:
-    combine = routing.combine_weights(weights, indices, e)  # [B, U, E]
-    if dense_row is not None:
-      combine = combine.at[:, 0].set(dense_row)
-    out = mix_all_experts(p, h.reshape(b * u, d), combine.reshape(b * u, e))
-    return out.reshape(b, u, d)
-  out = moe_lib.moe_topk(h.reshape(b * u, d), weights.reshape(-1, k), indices.reshape(-1, k), p)
-  out = out.reshape(b, u, d)
-  if dense_row is not None:
-    out = out.at[:, 0].set(mix_all_experts(p, h[:, 0], dense_row))
-  return out
 
 
 def _window_attend(q, k, v, cache: transformer.LayerCache, slots, key_valid) -> jax.Array:
@@ -176,8 +126,8 @@ def _window_attend(q, k, v, cache: transformer.LayerCache, slots, key_valid) -> 
   pre_ok = (jnp.arange(t)[None, :] < slots[:, :1]) & key_valid  # [B, T]
   win_valid = jnp.take_along_axis(key_valid, jnp.minimum(slots, t - 1), axis=1) & (slots < t)
   win_ok = (jnp.arange(u)[None, :] <= jnp.arange(u)[:, None])[None] & win_valid[:, None, :]
-  pre = jnp.where(pre_ok[:, None, None, None, :], pre, _MASKED)  # [B, KV, G, U, T]
-  win = jnp.where(win_ok[:, None, None], win, _MASKED)  # [B, KV, G, U, U]
+  pre = jnp.where(pre_ok[:, None, None, None, :], pre, MASKED)  # [B, KV, G, U, T]
+  win = jnp.where(win_ok[:, None, None], win, MASKED)  # [B, KV, G, U, U]
   probs = jax.nn.softmax(jnp.concatenate([pre, win], axis=-1), axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgut,btkd->bukgd', probs[..., :t], cache.v)
   out = out + jnp.einsum('bkguw,bwkd->bukgd', probs[..., t:], v)
@@ -185,9 +135,8 @@ def _window_attend(q, k, v, cache: transformer.LayerCache, slots, key_valid) -> 
 
 
 def window_layer(
-  p,
+  layer: DecoderLayer,
   x,
-  config: OlmoeConfig,
   *,
   positions,
   query_slots,
@@ -197,28 +146,31 @@ def window_layer(
   pathway,
   pathway_mode,
 ):
-  """`transformer.decoder_layer` on the window x [B, U, D] over the cached prefix.
+  """A `DecoderLayer` on the window x [B, U, D] over the cached prefix.
 
   query_slots [B, U] are the window's slots; the pathway token is the window's
   first (last_index is unused). Returns (x, None, None, cache): no routing.
   """
   del last_index
-  h = layers.rms_norm(x, p['input_norm'], config.rms_norm_eps)
-  q, k, v = layers.qkv(p['attn'], h, positions, config)
-  x = x + _window_attend(q, k, v, cache, query_slots, key_valid) @ p['attn']['o']
-  h = layers.rms_norm(x, p['post_attn_norm'], config.rms_norm_eps)
-  return x + _window_moe(p['moe'], h, config, pathway, pathway_mode), None, None, cache
+  q, k, v = layer.attn.qkv(layer.input_norm(x), positions)
+  x = x + layer.attn.out(_window_attend(q, k, v, cache, query_slots, key_valid))
+  return (
+    x + layer.feed_forward_window(layer.post_attn_norm(x), pathway, pathway_mode),
+    None,
+    None,
+    cache,
+  )
 
 
 def window_forward(
-  params, config: OlmoeConfig, first_layer: int, st: PrefixWindow, pathway, pathway_mode: str
+  params, config: MoeConfig, first_layer: int, st: PrefixWindow, pathway, pathway_mode: str
 ) -> jax.Array:
   """The windows through layers c0..L-1 with `pathway` {layer: [B, E]} -> [B, U, D] normed."""
+  model = params_lib.bind(params, config)
   layer_ids = range(first_layer, config.num_hidden_layers)
   x, _, _, _ = transformer.decoder_stack(
-    params,
+    model,
     st.x,
-    config,
     layer_ids=layer_ids,
     positions=st.positions,
     query_slots=st.slots,
@@ -229,14 +181,12 @@ def window_forward(
     pathway_mode=pathway_mode,
     layer=window_layer,
   )
-  return layers.rms_norm(x, params['final_norm'], config.rms_norm_eps)
+  return model.final_norm(x)
 
 
-def head_rows(params, config: OlmoeConfig, ids: jax.Array) -> jax.Array:
+def head_rows(params, config: MoeConfig, ids: jax.Array) -> jax.Array:
   """LM-head columns of the given token ids, as rows [..., D]."""
-  if config.tie_word_embeddings:
-    return params['embed'][ids]
-  return jnp.moveaxis(params['lm_head'][:, ids], 0, -1)
+  return params_lib.bind(params, config).head_rows(ids)
 
 
 def resize(a: jax.Array, axis: int, n: int) -> jax.Array:

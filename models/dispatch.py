@@ -162,3 +162,19 @@ def moe_sorted(
 def moe_topk(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
   """Top-k MoE on [N, D] tokens: the block-sorted dispatch at every N."""
   return moe_sorted(x, weights, indices, moe)
+
+
+def mix_all_experts(moe: dict, x: jax.Array, combine: jax.Array) -> jax.Array:
+  """`moe_dense` as expert-batched matmuls: x [B, D], combine [B, E] -> [B, D].
+
+  Each expert's weights are one operand of a batched matmul over E, read as
+  stored; `moe_dense`'s einsums make XLA re-lay them out on every call.
+  """
+  dims = (((2,), (1,)), ((0,), (0,)))  # contract D (then F), batch over E
+  xe = jnp.broadcast_to(x[None], (moe['gate'].shape[0],) + x.shape)  # [E, B, D]
+  gate = jax.lax.dot_general(xe, moe['gate'].astype(x.dtype), dims)  # [E, B, F]
+  up = jax.lax.dot_general(xe, moe['up'].astype(x.dtype), dims)
+  a = jax.nn.silu(gate) * up
+  a = (a.astype(jnp.float32) * combine.T[..., None]).astype(x.dtype)  # [E, B, F]
+  y = jax.lax.dot_general(a, moe['down'].astype(x.dtype), dims)  # [E, B, D]
+  return jnp.sum(y.astype(jnp.float32), axis=0).astype(x.dtype)

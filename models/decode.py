@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.olmoe import layers, transformer
-from models.olmoe.config import OlmoeConfig
+from models import params as params_lib
+from models import transformer
+from models.config import MoeConfig
 
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -49,7 +50,7 @@ def prefill(
   params: transformer.Params,
   tokens: jax.Array,
   *,
-  config: OlmoeConfig,
+  config: MoeConfig,
   attention_mask: jax.Array | None = None,
   cache_size: int,
   pathway: transformer.Pathway | None = None,
@@ -79,13 +80,13 @@ def prefill(
     attention_mask = jnp.ones((b, t), jnp.int32)
   key_valid = attention_mask.astype(bool)
   last_index = transformer.last_real_index(attention_mask)
-  x = params['embed'][tokens]  # [B, T, D]
+  model = params_lib.bind(params, config)
+  x = model.embed(tokens)  # [B, T, D]
   # A T-slot cache, padded to S afterwards: prompt attention runs over T keys only.
   empty = jnp.zeros((b, t, config.num_key_value_heads, config.head_dim), x.dtype)
   x, caches, router_logits, router_probs = transformer.decoder_stack(
-    params,
+    model,
     x,
-    config,
     layer_ids=range(config.num_hidden_layers),
     positions=transformer.positions_from_mask(attention_mask),
     query_slots=jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)),
@@ -97,7 +98,7 @@ def prefill(
   )
   grow = ((0, 0), (0, cache_size - t), (0, 0), (0, 0))
   caches = tuple(transformer.LayerCache(k=jnp.pad(c.k, grow), v=jnp.pad(c.v, grow)) for c in caches)
-  hidden = layers.rms_norm(x, params['final_norm'], config.rms_norm_eps)
+  hidden = model.final_norm(x)
   last_hidden = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
   cache = Cache(
     layers=caches,
@@ -112,11 +113,11 @@ def prefill(
     last_index=last_index,
     last_hidden=last_hidden,
   )
-  return transformer.lm_head(params, last_hidden, config), cache, info
+  return model.logits(last_hidden), cache, info
 
 
 def decode_step(
-  params: transformer.Params, cache: Cache, token: jax.Array, *, config: OlmoeConfig
+  params: transformer.Params, cache: Cache, token: jax.Array, *, config: MoeConfig
 ) -> tuple[jax.Array, Cache]:
   """Feeds one token per row: token int32 [B] -> (logits [B, V] float32, cache).
 
@@ -131,10 +132,10 @@ def decode_step(
   b = token.shape[0]
   slot = cache.next_slot  # [B]
   key_valid = cache.key_valid | (jnp.arange(cache.size)[None, :] == slot[:, None])
+  model = params_lib.bind(params, config)
   x, caches, _, _ = transformer.decoder_stack(
-    params,
-    params['embed'][token][:, None, :],  # [B, 1, D]
-    config,
+    model,
+    model.embed(token)[:, None, :],  # [B, 1, D]
     layer_ids=range(config.num_hidden_layers),
     positions=cache.num_tokens[:, None],
     query_slots=slot[:, None],
@@ -144,11 +145,11 @@ def decode_step(
     pathway={},
     pathway_mode='topk',
   )
-  hidden = layers.rms_norm(x[:, 0], params['final_norm'], config.rms_norm_eps)  # [B, D]
+  hidden = model.final_norm(x[:, 0])  # [B, D]
   cache = Cache(
     layers=caches, key_valid=key_valid, next_slot=slot + 1, num_tokens=cache.num_tokens + 1
   )
-  return transformer.lm_head(params, hidden, config), cache
+  return model.logits(hidden), cache
 
 
 @functools.partial(
@@ -159,7 +160,7 @@ def generate(
   params: transformer.Params,
   tokens: jax.Array,
   *,
-  config: OlmoeConfig,
+  config: MoeConfig,
   attention_mask: jax.Array | None = None,
   max_new_tokens: int,
   eos_token_id: int | None = None,

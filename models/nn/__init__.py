@@ -1,0 +1,1 @@
+"""The MoE decoder's `flax.nnx` modules."""

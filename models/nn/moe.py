@@ -1,0 +1,156 @@
+"""The MoE feed-forward as modules: router, routed experts, shared experts, the block.
+
+`MoeBlock.__call__` is the MoE layer of a full pass (sparse dispatch for every
+token, the pathway's override at each row's last real token); `MoeBlock.window`
+the same on a few window tokens per sequence (the prefix-cached NGD step),
+where mixing every expert is cheaper than dispatch.
+
+Pathway semantics (the public C3PO code's): a pathway [B, E] replaces the
+router-probability row of one token per sequence by the weights renormalized
+to sum to 1; top-k (and, where the family renormalizes, renormalization) runs
+on the replaced row (`pathway_mode='topk'`). With `pathway_mode='dense'` that
+token instead mixes every expert with non-zero weight, the weights being the
+mixing coefficients as given (renormalized only where the family renormalizes
+its top-k). Shared experts are never re-mixed: they run on every token, the
+re-mixed one included.
+
+Dimensions: B batch, T tokens, U window tokens, N = B*T tokens, D model,
+F expert hidden, Fs shared hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import dispatch, routing
+from models.config import MoeConfig
+from models.nn.layers import normal_param
+
+
+class Router(nnx.Module):
+  """kernel [D, E]: router logits, then float32 softmax probabilities."""
+
+  def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.kernel = normal_param(rngs, (config.hidden_size, config.num_experts), dtype)
+
+  def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """h [B, T, D] -> (logits [B, T, E], probs [B, T, E]), both float32."""
+    return routing.router_probs(h, self.kernel[...])
+
+
+class MLP(nnx.Module):
+  """A SwiGLU MLP: gate/up [D, F], down [F, D] (dense layers, shared experts)."""
+
+  def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.gate = normal_param(rngs, (width, hidden), dtype)
+    self.up = normal_param(rngs, (width, hidden), dtype)
+    self.down = normal_param(rngs, (hidden, width), dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])) @ self.down[...]
+
+
+class Experts(nnx.Module):
+  """Routed SwiGLU experts stacked on a leading axis: gate/up [E, D, F], down [E, F, D]."""
+
+  def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    e, d, f = config.num_experts, config.hidden_size, config.expert_intermediate_size
+    self.gate = normal_param(rngs, (e, d, f), dtype)
+    self.up = normal_param(rngs, (e, d, f), dtype)
+    self.down = normal_param(rngs, (e, f, d), dtype)
+
+  def weights(self) -> dict:
+    return {'gate': self.gate[...], 'up': self.up[...], 'down': self.down[...]}
+
+  def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+    """Sparse dispatch: x [N, D], top-k weights/indices [N, K] -> [N, D]."""
+    return dispatch.moe_topk(x, weights, indices, self.weights())
+
+  def mix(self, x: jax.Array, combine: jax.Array) -> jax.Array:
+    """Every expert on every row, mixed densely: x [N, D], combine [N, E] -> [N, D]."""
+    return dispatch.mix_all_experts(self.weights(), x, combine)
+
+
+class MoeBlock(nnx.Module):
+  """Router + routed experts (+ shared experts, optionally sigmoid-gated)."""
+
+  def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.config = config
+    self.router = Router(config, rngs=rngs, dtype=dtype)
+    self.experts = Experts(config, rngs=rngs, dtype=dtype)
+    if config.num_shared_experts:
+      self.shared = MLP(config.hidden_size, config.shared_intermediate_size, rngs=rngs, dtype=dtype)
+    if config.shared_expert_gate:
+      self.shared_gate = normal_param(rngs, (config.hidden_size, 1), dtype)
+
+  def _add_shared(self, h: jax.Array, out: jax.Array) -> jax.Array:
+    """out + the shared experts on h (both [..., D]); Qwen2-MoE gates them by a sigmoid."""
+    if not self.config.num_shared_experts:
+      return out
+    shared = self.shared(h)
+    if self.config.shared_expert_gate:
+      shared = jax.nn.sigmoid(h @ self.shared_gate[...]) * shared  # [..., 1] gate
+    return out + shared
+
+  def _top_k(self, probs: jax.Array):
+    c = self.config
+    return routing.top_k(probs, c.num_experts_per_tok, c.norm_topk_prob)  # [..., K]
+
+  def __call__(
+    self,
+    h: jax.Array,
+    *,
+    last_index: jax.Array,
+    pathway: jax.Array | None = None,
+    pathway_mode: str = 'topk',
+  ):
+    """Normed hidden states h [B, T, D] -> (out [B, T, D], logits, used probs [B, T, E])."""
+    b, t, d = h.shape
+    logits, probs = self.router(h)
+    if pathway is not None:
+      probs = routing.override_last_token(probs, last_index, pathway)
+    weights, indices = self._top_k(probs)  # [B, T, K]
+    k = weights.shape[-1]
+    out = self.experts(h.reshape(b * t, d), weights.reshape(b * t, k), indices.reshape(b * t, k))
+    out = out.reshape(b, t, d)
+    if pathway is not None and pathway_mode == 'dense':
+      # The last token mixes every expert with non-zero weight, without top-k.
+      coeff = routing.dense_coefficients(pathway, self.config.norm_topk_prob)  # [B, E]
+      h_last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]  # [B, D]
+      out_last = dispatch.moe_dense(h_last, coeff, self.experts.weights())  # [B, D]
+      is_last = routing.last_token_mask(last_index, t)[..., None]  # [B, T, 1]
+      out = jnp.where(is_last, out_last[:, None, :], out)
+    return self._add_shared(h, out), logits, probs
+
+  def window(self, h: jax.Array, pathway: jax.Array | None, pathway_mode: str) -> jax.Array:
+    """The block on window tokens h [B, U, D]; the pathway token is index 0.
+
+    A window is a few tokens per sequence. With few assignments every expert
+    runs on every window token (each expert's weights read once for the whole
+    batch under vmap) and the top-k weights, zero elsewhere, mix them:
+    gathering each assignment's expert weights instead is memory-bound, and
+    slower. Many tokens (rc) take the sorted dispatch.
+    """
+    b, u, d = h.shape
+    e = self.config.num_experts
+    _, probs = self.router(h)
+    if pathway is not None:
+      probs = routing.override_last_token(probs, jnp.zeros((b,), jnp.int32), pathway)
+    weights, indices = self._top_k(probs)  # [B, U, K]
+    k = weights.shape[-1]
+    dense_row = None
+    if pathway is not None and pathway_mode == 'dense':
+      dense_row = routing.dense_coefficients(pathway, self.config.norm_topk_prob)  # [B, E]
+    if b * u * k <= e:
+      combine = routing.combine_weights(weights, indices, e)  # [B, U, E]
+      if dense_row is not None:
+        combine = combine.at[:, 0].set(dense_row)
+      out = self.experts.mix(h.reshape(b * u, d), combine.reshape(b * u, e)).reshape(b, u, d)
+    else:
+      out = self.experts(h.reshape(b * u, d), weights.reshape(-1, k), indices.reshape(-1, k))
+      out = out.reshape(b, u, d)
+      if dense_row is not None:
+        out = out.at[:, 0].set(self.experts.mix(h[:, 0], dense_row))
+    return self._add_shared(h, out)
