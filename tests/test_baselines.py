@@ -12,6 +12,7 @@ import pytest
 from c3po_jax.remix import baselines, batch, engine, scoring
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.tasks.encoding import EncodedPrompt
+from c3po_jax.testing import checkpoints
 from models import transformer
 from models.families.olmoe import TINY
 
@@ -22,12 +23,7 @@ IDS = np.asarray([5, 17, 42, 9], np.int32)  # the "instruction" tokens: P = 4
 @pytest.fixture(scope='module')
 def model():
   """Random tiny model with experts scaled up so that routing moves logits."""
-  params = transformer.init_params(TINY, jax.random.PRNGKey(0))
-  for i in range(TINY.num_hidden_layers):
-    moe = params[f'layer_{i}']['moe']
-    for name in ('gate', 'up', 'down'):
-      moe[name] = moe[name] * 10.0
-  return params
+  return checkpoints.loud_experts(transformer.init_params(TINY, jax.random.PRNGKey(0)))
 
 
 def _prompts(rng, n, fmt='mc', choices=3):

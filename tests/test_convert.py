@@ -283,8 +283,8 @@ def test_converted_layout_and_roundtrip(good_ckpt, tmp_path):
 
 def test_save_rejects_tree_that_does_not_match_config(good_ckpt, tmp_path):
   config, params = checkpoint.load_checkpoint(good_ckpt)
-  params = dict(params, embed=params['embed'][:, :-1])
-  with pytest.raises(CheckpointError, match=r"mis-shaped: \['embed'\]"):
+  params = dict(params, embed={'embedding': params['embed']['embedding'][:, :-1]})
+  with pytest.raises(CheckpointError, match=r"mis-shaped: \['embed'\]\['embedding'\]"):
     checkpoint.save_checkpoint(str(tmp_path / 'x'), config, params)
   assert not os.path.exists(tmp_path / 'x')
 

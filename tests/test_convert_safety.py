@@ -165,7 +165,7 @@ def test_non_finite_weights_are_refused_at_load(hf, tmp_path):
   out = convert.convert(hf, str(tmp_path / 'ckpt'), dtype='float32').output_dir
   config, params = checkpoint.load_checkpoint(out)
   params = jax.tree.map(np.asarray, params)
-  params['final_norm'] = np.full_like(params['final_norm'], np.inf)
+  params['final_norm'] = {'scale': np.full_like(params['final_norm']['scale'], np.inf)}
   checkpoint.save_checkpoint(out, config, params, overwrite=True)
   with pytest.raises(CheckpointError, match=r"non-finite .*\['final_norm'\]"):
     checkpoint.load_checkpoint(out)

@@ -103,12 +103,12 @@ def test_param_specs_split_experts_and_widths():
   specs = mesh_lib.param_specs(OLMOE_1B_7B_0924)
   shapes = transformer.param_shapes(OLMOE_1B_7B_0924)
   moe = specs['layer_3']['moe']
-  assert moe['gate'] == P('expert', None, 'model')  # [E, D, F]
-  assert moe['up'] == P('expert', None, 'model')
-  assert moe['down'] == P('expert', 'model', None)  # [E, F, D]
-  assert moe['router'] == P(None, 'expert')  # [D, E]: the router's E column
+  assert moe['experts']['gate'] == P('expert', None, 'model')  # [E, D, F]
+  assert moe['experts']['up'] == P('expert', None, 'model')
+  assert moe['experts']['down'] == P('expert', 'model', None)  # [E, F, D]
+  assert moe['router']['kernel'] == P(None, 'expert')  # [D, E]: the router's E column
   assert specs['layer_0']['attn']['q'] == P(None, 'model')
-  assert specs['layer_0']['input_norm'] == P(None)
+  assert specs['layer_0']['input_norm']['scale'] == P(None)
   assert specs['lm_head'] == P(None, 'model')
   # Every spec names a mesh axis or None for each dimension.
   for spec, shape in zip(
@@ -339,7 +339,7 @@ def test_sharded_parameters_are_split(tiny):
     "rc = RunConfig.make(checkpoint_dir=sys.argv[1], benchmark='-', reference=('-',))\n"
     "mesh = mesh_lib.make_mesh('data:2,expert:2,model:2')\n"
     'config, params, _ = runner.load_model(rc, mesh)\n'
-    "moe = params['layer_0']['moe']\n"
+    "moe = params['layer_0']['moe']['experts']\n"
     'shape = lambda x: [list(s.data.shape) for s in x.addressable_shards]\n'
     'print(json.dumps({k: shape(v) for k, v in moe.items()}))\n'
   )

@@ -20,7 +20,7 @@ import pytest
 
 from c3po_jax.ckpts import checkpoint, convert, hf_snapshot
 from c3po_jax.testing.hf_models import hf_reference, make_hf_model, padded_batch, save_hf_model
-from models import transformer
+from models import families, transformer
 
 TOL = 1e-4  # float32 vs PyTorch float32
 CONFIGS = {
@@ -101,7 +101,7 @@ def test_every_hf_tensor_consumed_exactly_once(converted, name):
     written = set(json.load(f)['weight_map'])
   assert len(result.consumed) == len(set(result.consumed))
   assert set(result.consumed) | set(result.skipped) == written
-  assert config == config.from_hf_config(model.config)
+  assert config == families.from_hf_config(model.config)
   assert result.copied == ('generation_config.json',)
 
 

@@ -12,9 +12,12 @@ import pytest
 from c3po_jax.remix import engine, methods, scoring
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.tasks.encoding import EncodedPrompt
+from c3po_jax.testing import checkpoints
 from models import dispatch as moe_lib
+from models import params as params_lib
 from models import transformer
 from models.families.olmoe import TINY
+from models.nn import layers
 
 L, E = TINY.num_hidden_layers, TINY.num_experts
 
@@ -94,12 +97,7 @@ def test_ngd_weights_step_is_a_projected_adam_step():
 @functools.cache
 def _model():
   """Random tiny model with experts scaled up so that routing moves logits."""
-  params = transformer.init_params(TINY, jax.random.PRNGKey(0))
-  for i in range(L):
-    moe = params[f'layer_{i}']['moe']
-    for name in ('gate', 'up', 'down'):
-      moe[name] = moe[name] * 10.0
-  return params
+  return checkpoints.loud_experts(transformer.init_params(TINY, jax.random.PRNGKey(0)))
 
 
 def test_dense_mode_mixes_exactly_the_given_core():
@@ -115,27 +113,26 @@ def test_dense_mode_mixes_exactly_the_given_core():
   )
   plain = transformer.forward_hidden(params, tokens, config=TINY)
   # Re-run the last layer by hand: its input is unchanged (no earlier pathway).
-  p = params[f'layer_{layer}']
-  x = _layer_input(params, tokens, layer)
-  h_attn = x + _attn(p, x)
-  h = transformer.layers.rms_norm(h_attn, p['post_attn_norm'], TINY.rms_norm_eps)[:, -1]
-  y = moe_lib.expert_outputs(h, p['moe'])  # [B, E, D]
+  model = params_lib.bind(params, TINY)
+  m = model.layer(layer)
+  x = _layer_input(model, tokens, layer)
+  h_attn = x + _attn(m, x)
+  h = m.post_attn_norm(h_attn)[:, -1]
+  y = moe_lib.expert_outputs(h, params[f'layer_{layer}']['moe']['experts'])  # [B, E, D]
   want_last = h_attn[:, -1] + jnp.einsum('bed,be->bd', y, jnp.asarray(w))
-  want = transformer.layers.rms_norm(want_last, params['final_norm'], TINY.rms_norm_eps)
+  want = model.final_norm(want_last)
   np.testing.assert_allclose(out.hidden[:, -1], want, atol=2e-5)
   np.testing.assert_allclose(out.hidden[:, :-1], plain.hidden[:, :-1], atol=1e-6)
 
 
-def _layer_input(params, tokens, layer):
+def _layer_input(model, tokens, layer):
   """Residual stream entering `layer` (native routing)."""
   b, t = tokens.shape
   mask = jnp.ones((b, t), jnp.int32)
-  x = params['embed'][tokens]
+  x = model.embed(tokens)
   for i in range(layer):
-    x, *_ = transformer.decoder_layer(
-      params[f'layer_{i}'],
+    x, *_ = model.layer(i)(
       x,
-      TINY,
       positions=transformer.positions_from_mask(mask),
       query_slots=jnp.broadcast_to(jnp.arange(t), (b, t)),
       key_valid=mask.astype(bool),
@@ -144,13 +141,11 @@ def _layer_input(params, tokens, layer):
   return x
 
 
-def _attn(p, x):
+def _attn(m, x):
   b, t, _ = x.shape
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  h = transformer.layers.rms_norm(x, p['input_norm'], TINY.rms_norm_eps)
-  q, k, v = transformer.layers.qkv(p['attn'], h, pos, TINY)
-  out = transformer.layers.attend(q, k, v, pos, jnp.ones((b, t), bool))
-  return out @ p['attn']['o']
+  q, k, v = m.attn.qkv(m.input_norm(x), pos)
+  return m.attn.out(layers.attend(q, k, v, pos, jnp.ones((b, t), bool)))
 
 
 def test_dense_rows_put_the_core_weights_and_nothing_else():

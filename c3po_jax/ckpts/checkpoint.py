@@ -41,10 +41,15 @@ from c3po_jax.ckpts import hf_snapshot
 from c3po_jax.ckpts.hf_snapshot import CONFIG_FILE, CheckpointError, read_config
 from c3po_jax.common import files
 from models import families, transformer
+from models import params as params_lib
 from models.config import MoeConfig
 
-FORMAT = 'c3po-jax/olmoe'
-FORMAT_VERSION = 1
+FORMAT = 'c3po-jax/moe'
+FORMAT_VERSION = 2
+# Version 1 (format name 'c3po-jax/olmoe'): OLMoE only, the parameter layout
+# before the model became NNX modules; read and converted on load
+# (`models.params.from_v1`).
+V1_FORMAT = 'c3po-jax/olmoe'
 METADATA_FILE = 'c3po_checkpoint.json'
 PARAMS_DIR = 'params'
 # Parameter dtypes a checkpoint may be cast to: integer casts zero the weights.
@@ -72,9 +77,9 @@ def _is_shape(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def _check_tree(tree: dict, config: MoeConfig, where: str) -> None:
-  """Raises CheckpointError unless tree's leaf shapes equal param_shapes(config)."""
-  want = transformer.param_shapes(config)
+def _check_tree(tree: dict, config: MoeConfig, where: str, want: dict | None = None) -> None:
+  """Raises CheckpointError unless tree's leaf shapes equal `want` (param_shapes(config))."""
+  want = transformer.param_shapes(config) if want is None else want
   want_flat = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=_is_shape)[0])
   got_flat = {
     p: tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if x is not None
@@ -286,14 +291,17 @@ def _load_converted(path: str, dtype, shardings) -> tuple[MoeConfig, dict]:
       'was the save interrupted?)'
     )
   meta = hf_snapshot.read_json(meta_path)
-  if meta.get('format') != FORMAT or meta.get('format_version') != FORMAT_VERSION:
+  version = (meta.get('format'), meta.get('format_version'))
+  if version not in ((FORMAT, FORMAT_VERSION), (V1_FORMAT, 1)):
     raise CheckpointError(
-      f'{meta_path}: format {meta.get("format")!r} version {meta.get("format_version")!r}, '
-      f'expected {FORMAT!r} version {FORMAT_VERSION}'
+      f'{meta_path}: format {version[0]!r} version {version[1]!r}, '
+      f'expected {FORMAT!r} version {FORMAT_VERSION} (or {V1_FORMAT!r} version 1)'
     )
   config = read_config(path)
   params_dir = os.path.join(path, PARAMS_DIR)
   shapes = transformer.param_shapes(config)
+  if version[1] == 1:
+    shapes = params_lib.to_v1(shapes, config)
   # Bounded read buffers: host memory peaks near the tree plus ~1 GB, not 2x.
   handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)
   try:
@@ -304,12 +312,15 @@ def _load_converted(path: str, dtype, shardings) -> tuple[MoeConfig, dict]:
   if stored is None:
     raise CheckpointError(f'cannot read parameters from {params_dir}: no Orbax metadata')
   stored = stored.tree
-  _check_tree(stored, config, params_dir)
+  _check_tree(stored, config, params_dir, shapes)
+  placements = _shardings_tree(shardings, transformer.param_shapes(config))
+  if version[1] == 1:
+    placements = params_lib.to_v1(placements, config)
   target = jax.tree.map(
     lambda s, m, sh: jax.ShapeDtypeStruct(s, m.dtype if dtype is None else dtype, sharding=sh),
     shapes,
     stored,
-    _shardings_tree(shardings, shapes),
+    placements,
     is_leaf=_is_shape,
   )
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
@@ -320,6 +331,9 @@ def _load_converted(path: str, dtype, shardings) -> tuple[MoeConfig, dict]:
       )
   except Exception as e:
     raise CheckpointError(f'cannot read parameters from {params_dir}: {e}') from e
+  if version[1] == 1:
+    logging.info('%s: layout version 1, converted to the current layout on load.', path)
+    params = params_lib.from_v1(params, config)
   return config, params
 
 

@@ -65,10 +65,9 @@ def conversion_peak_terms(config: MoeConfig, dtype, source_dtype='float32') -> d
   """
   structs = transformer.param_structs(config, jnp.dtype(dtype))
   tree = sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(structs))
-  experts = {'gate', 'up', 'down'}
   flat = jax.tree_util.tree_flatten_with_path(structs)[0]
-  whole = max(s.size for path, s in flat if path[-1].key not in experts)
-  moe = structs[transformer.layer_name(0)]['moe']
+  whole = max(s.size for path, s in flat if 'experts' not in [k.key for k in path])
+  moe = structs[transformer.layer_name(config.moe_layers[0])]['moe']['experts']
   fused_gate_up = moe['gate'].size + moe['up'].size  # [E, 2F, D]
   hf_tensor = max(whole, fused_gate_up) * np.dtype(jnp.dtype(source_dtype)).itemsize
   return {'tree': tree, 'hf_tensor': hf_tensor, 'relayout': hf_tensor, 'orbax': 0}

@@ -97,7 +97,7 @@ def prompt_init(kind: str, params, config: MoeConfig, ids: jax.Array, layer_ids)
   """
   p = ids.shape[0]
   if kind == 'soft_prompt':
-    return {'embeds': params['embed'][ids].astype(jnp.float32)}
+    return {'embeds': params['embed']['embedding'][ids].astype(jnp.float32)}
   if kind != 'prefix_tuning':
     raise ValueError(f'unknown baseline {kind!r}, expected one of {KINDS}')
   if p == 0:

@@ -37,21 +37,28 @@ from models.config import MoeConfig
 
 MESH_AXES = ('data', 'expert', 'model')
 
-# Mesh axis of each parameter dimension, by leaf name (None: replicated).
-# Experts split over 'expert'; attention heads, expert hidden units and the
-# vocabulary over 'model' (Megatron-style column / row splits). Norm scales
-# are tiny and stay replicated. GSPMD inserts the collectives.
+# Mesh axis of each parameter dimension, by leaf name and rank (None:
+# replicated). Routed experts split over 'expert'; attention heads, expert and
+# MLP hidden units and the vocabulary over 'model' (Megatron-style column /
+# row splits). Norm scales and the shared-expert gate are tiny and stay
+# replicated. GSPMD inserts the collectives.
 _LEAF_AXES = {
-  'embed': ('model', None),  # [V, D]
-  'lm_head': (None, 'model'),  # [D, V]
-  'q': (None, 'model'),  # [D, H * Dh]
-  'k': (None, 'model'),  # [D, KV * Dh]
-  'v': (None, 'model'),
-  'o': ('model', None),  # [H * Dh, D]
-  'router': (None, 'expert'),  # [D, E]
-  'gate': ('expert', None, 'model'),  # [E, D, F]
-  'up': ('expert', None, 'model'),
-  'down': ('expert', 'model', None),  # [E, F, D]
+  ('embedding', 2): ('model', None),  # [V, D]
+  ('lm_head', 2): (None, 'model'),  # [D, V]
+  ('q', 2): (None, 'model'),  # [D, H * Dh]
+  ('k', 2): (None, 'model'),  # [D, KV * Dh]
+  ('v', 2): (None, 'model'),
+  ('o', 2): ('model', None),  # [H * Dh, D]
+  ('q_bias', 1): ('model',),  # [H * Dh]
+  ('k_bias', 1): ('model',),
+  ('v_bias', 1): ('model',),
+  ('kernel', 2): (None, 'expert'),  # router [D, E]
+  ('gate', 3): ('expert', None, 'model'),  # routed experts [E, D, F]
+  ('up', 3): ('expert', None, 'model'),
+  ('down', 3): ('expert', 'model', None),  # [E, F, D]
+  ('gate', 2): (None, 'model'),  # dense MLP, shared experts [D, F]
+  ('up', 2): (None, 'model'),
+  ('down', 2): ('model', None),  # [F, D]
 }
 
 
@@ -140,11 +147,7 @@ def param_specs(config: MoeConfig) -> dict:
   """A PartitionSpec per parameter, in the tree of transformer.param_shapes."""
 
   def spec(path, shape):
-    name = path[-1].key
-    axes = _LEAF_AXES.get(name, (None,) * len(shape))
-    if len(axes) != len(shape):
-      raise ValueError(f'{jax.tree_util.keystr(path)}: rank {len(shape)} != {axes}')
-    return P(*axes)
+    return P(*_LEAF_AXES.get((path[-1].key, len(shape)), (None,) * len(shape)))
 
   return jax.tree_util.tree_map_with_path(spec, transformer.param_shapes(config), is_leaf=_is_shape)
 

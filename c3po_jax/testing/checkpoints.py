@@ -27,6 +27,21 @@ def tiny_params(config: MoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0):
   return transformer.init_params(config, jax.random.PRNGKey(seed))
 
 
+def loud_experts(params: dict, factor: float = 10.0) -> dict:
+  """params with every routed expert's weights scaled, so that routing moves logits.
+
+  At init scale (std 0.02) the experts add little to the residual stream and
+  a pathway barely changes the output; tests of re-mixing scale them up.
+  """
+  out = jax.tree.map(lambda x: x, params)  # a copy of the dict structure
+  for name, layer in out.items():
+    if name.startswith('layer_') and 'moe' in layer:
+      experts = layer['moe']['experts']
+      for key in ('gate', 'up', 'down'):
+        experts[key] = experts[key] * factor
+  return out
+
+
 def make_checkpoint(path: str, config: MoeConfig = TINY_TOKENIZER_CONFIG, seed: int = 0) -> str:
   params = jax.tree.map(np.asarray, tiny_params(config, seed))
   return save_checkpoint(str(path), config, params, overwrite=True)

@@ -172,7 +172,7 @@ def check_silu(hf: Mapping[str, Any]) -> None:
 
 def check_no_sliding_window(hf: Mapping[str, Any]) -> None:
   """Sliding-window attention is not implemented: refuse configs that use it."""
-  window = hf.get('sliding_window')
+  window = hf.get('sliding_window') or None  # transformers writes 0 for none (Qwen2-MoE)
   used = hf.get('use_sliding_window', window is not None)
   if used and window is not None and window < hf.get('max_position_embeddings', 0):
     raise ConfigError(

@@ -33,7 +33,8 @@ def _qwen_fields(hf: Mapping[str, Any]) -> dict:
     **common.common_fields(hf, rope_default=1e6, eps_default=1e-6),
     intermediate_size=hf['intermediate_size'],
     moe_intermediate_size=hf['moe_intermediate_size'],
-    num_experts=hf['num_experts'],
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
+    num_experts=hf['num_experts'] if 'num_experts' in hf else hf['num_local_experts'],
     num_experts_per_tok=hf['num_experts_per_tok'],
     norm_topk_prob=bool(hf.get('norm_topk_prob', False)),
     dense_layers=common.sparse_step_dense_layers(hf),
