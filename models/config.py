@@ -63,6 +63,8 @@ class MoeConfig:
 
   def __post_init__(self):
     object.__setattr__(self, 'dense_layers', tuple(sorted(int(i) for i in self.dense_layers)))
+    if self.head_dim_override == self.hidden_size / self.num_attention_heads:
+      object.__setattr__(self, 'head_dim_override', None)  # the default, spelled out
     if self.hidden_size % self.num_attention_heads and self.head_dim_override is None:
       raise ConfigError(
         f'hidden_size={self.hidden_size} is not divisible by '

@@ -138,8 +138,26 @@ def _functions_naming(name: str) -> set[str]:
   return out
 
 
+def _loops_calling(attr: str) -> set[str]:
+  """module.function of every function in models/ with a loop that calls `<x>.attr(...)`."""
+  out = set()
+  for m, p in MODULES.items():
+    if not m.startswith('models'):
+      continue
+    for fn in ast.walk(ast.parse(open(p).read())):
+      if not isinstance(fn, ast.FunctionDef):
+        continue
+      for loop in ast.walk(fn):
+        if isinstance(loop, (ast.For, ast.While, ast.comprehension)):
+          calls = [n for n in ast.walk(loop) if isinstance(n, ast.Call)]
+          if any(isinstance(c.func, ast.Attribute) and c.func.attr == attr for c in calls):
+            out.add(f'{m}.{fn.name}')
+  return out
+
+
 def test_one_decoder_layer_loop():
   """Only `transformer.decoder_stack` runs decoder layers; forward, decode and prefix call it."""
-  assert _functions_naming('decoder_layer') == {'models.transformer.decoder_stack'}
+  # `Transformer.layer(i)` is how a decoder layer is reached: no other loop reaches one.
+  assert _loops_calling('layer') == {'models.transformer.decoder_stack'}
   callers = {f.rsplit('.', 1)[0] for f in _functions_naming('decoder_stack')}
   assert {'models.transformer', 'models.decode', 'models.prefix'} <= callers

@@ -22,6 +22,16 @@ from models.nn import layers
 L, E = TINY.num_hidden_layers, TINY.num_experts
 
 
+def test_critical_layers_count_moe_layers_only():
+  moe = (1, 2, 3)  # layer 0 dense, as in DeepSeekMoE
+  assert pw_lib.parse_layers('last:3', 4, moe) == (1, 2, 3)
+  assert pw_lib.parse_layers('last:2', 4, moe) == (2, 3)
+  with pytest.raises(ValueError, match='MoE layers'):
+    pw_lib.parse_layers('last:4', 4, moe)
+  with pytest.raises(ValueError, match='dense'):
+    pw_lib.parse_layers('0,3', 4, moe)
+
+
 def test_parse_layers_grammar():
   assert pw_lib.parse_layers('last:5', 16) == (11, 12, 13, 14, 15)
   assert pw_lib.parse_layers('7', 16) == (7,)  # one layer, not "the last 7"

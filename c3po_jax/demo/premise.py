@@ -154,8 +154,8 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
   manifest = suite_run.read_suite(suite_dir)
   model = load_model(rc)
   config = model[0]
-  layers = pw_lib.PathwaySpec.make(
-    config.num_hidden_layers, config.num_experts, rc.method.critical_layers, rc.method.core_experts
+  layers = pw_lib.PathwaySpec.for_model(
+    config, rc.method.critical_layers, rc.method.core_experts
   ).layers
   benches, pools = [], []
   for name, entry in manifest['benchmarks'].items():

@@ -40,11 +40,14 @@ PATHWAY_PARAMS = ('weights', 'logits')
 _MIN_PROB = 1e-12
 
 
-def parse_layers(spec, num_layers: int) -> tuple[int, ...]:
-  """Critical layers from a spec: 'last:N' (the last N layers), 'I' (layer I),
+def parse_layers(spec, num_layers: int, moe_layers=None) -> tuple[int, ...]:
+  """Critical layers from a spec: 'last:N' (the last N MoE layers), 'I' (layer I),
   'I,J,K' (explicit indices; negative ones count from the end), or a sequence
   of ints. A bare int is refused: it used to mean 'the last N', which made a
-  single layer inexpressible."""
+  single layer inexpressible. moe_layers: the model's MoE layers (default:
+  every layer); dense layers (DeepSeekMoE's first) have no router to re-mix,
+  so 'last:N' counts MoE layers only and an explicit dense layer is an error."""
+  moe = tuple(range(num_layers)) if moe_layers is None else tuple(moe_layers)
   if isinstance(spec, bool) or isinstance(spec, int):
     raise TypeError(
       f'critical layers {spec!r}: write "last:{spec}" for the last {spec} layers, '
@@ -57,9 +60,9 @@ def parse_layers(spec, num_layers: int) -> tuple[int, ...]:
         n = int(text[len('last:') :])
       except ValueError:
         raise ValueError(f'critical layers {spec!r}: expected last:N with an integer N') from None
-      if not 1 <= n <= num_layers:
-        raise ValueError(f'critical layers {spec!r}: N must be in [1, {num_layers}]')
-      return tuple(range(num_layers - n, num_layers))
+      if not 1 <= n <= len(moe):
+        raise ValueError(f'critical layers {spec!r}: N must be in [1, {len(moe)}] (MoE layers)')
+      return moe[len(moe) - n :]
     try:
       items = [int(x) for x in text.split(',') if x]
     except ValueError:
@@ -71,6 +74,9 @@ def parse_layers(spec, num_layers: int) -> tuple[int, ...]:
   layers = sorted({i + num_layers if i < 0 else i for i in items})
   if not layers or any(not 0 <= i < num_layers for i in layers):
     raise ValueError(f'critical layers {spec!r} out of range [0, {num_layers})')
+  dense = [i for i in layers if i not in moe]
+  if dense:
+    raise ValueError(f'critical layers {spec!r}: layers {dense} are dense (MoE layers: {moe})')
   return tuple(layers)
 
 
@@ -82,11 +88,18 @@ class PathwaySpec:
   num_core: int
 
   @classmethod
-  def make(cls, num_layers: int, num_experts: int, critical_layers, num_core: int):
+  def make(cls, num_layers: int, num_experts: int, critical_layers, num_core: int, moe_layers=None):
     """critical_layers: a `parse_layers` spec; num_core <= 0 means all experts."""
-    layers = parse_layers(critical_layers, num_layers)
+    layers = parse_layers(critical_layers, num_layers, moe_layers)
     num_core = num_experts if num_core <= 0 else min(num_core, num_experts)
     return cls(layers=layers, num_core=num_core)
+
+  @classmethod
+  def for_model(cls, config, critical_layers, num_core: int):
+    """The spec for a model config (a `models.config.MoeConfig`): its MoE layers count."""
+    return cls.make(
+      config.num_hidden_layers, config.num_experts, critical_layers, num_core, config.moe_layers
+    )
 
 
 @flax.struct.dataclass

@@ -81,9 +81,7 @@ def backend_name(rc: RunConfig) -> str:
 
 def make_engine(rc: RunConfig, config) -> engine.Engine:
   m = rc.method
-  spec = pw_lib.PathwaySpec.make(
-    config.num_hidden_layers, config.num_experts, m.critical_layers, m.core_experts
-  )
+  spec = pw_lib.PathwaySpec.for_model(config, m.critical_layers, m.core_experts)
   # The methods' hyper-parameters: fields named like a setting of the run's method
   # group take its value; the others (e.g. alpha_grid) keep their defaults.
   mc, bc = (
