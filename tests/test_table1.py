@@ -9,8 +9,9 @@ import pytest
 
 from c3po_jax.ckpts import checkpoint, hub
 from c3po_jax.common import cli
-from c3po_jax.run import checks, paper_table
+from c3po_jax.run import checks, paper_table, runner
 from c3po_jax.run import suite as suite_run
+from c3po_jax.run.config import RunConfig
 from c3po_jax.tasks import TaskSourceError, load_examples, load_references, loading, suites
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,6 +109,12 @@ def test_hub_id_downloads_and_converts_once(tiny_hf, tmp_path, monkeypatch):
   assert checkpoint.is_ours(path) and len(calls) == 1 and '*.safetensors' in calls[0][1]
   assert hub.checkpoint_path('allenai/OLMoE-tiny', cache, 'float32') == path
   assert len(calls) == 1  # converted once
+  # The run resolves --checkpoint_dir the same way (hub id -> the cached conversion).
+  rc = RunConfig.make(
+    checkpoint_dir='allenai/OLMoE-tiny', dtype='float32', cache_dir=cache, methods=('base',)
+  )
+  config, _, _ = runner.load_model(rc)
+  assert config.vocab_size == 50304 and len(calls) == 1
   # Local paths are not hub ids, also when missing under an existing folder.
   assert hub.checkpoint_path(tiny_hf, cache) == tiny_hf
   assert not hub.is_hub_id('checkpoints/not-converted-yet')
