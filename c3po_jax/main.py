@@ -23,7 +23,10 @@ F = flags.FLAGS
 run_config.define_flags(F)  # one flag per RunConfig setting, defaults from its fields
 flags.adopt_module_key_flags(run_config)  # --help lists them
 flags.DEFINE_string(
-  'suite', None, 'A suite directory (suite.json): run every benchmark in it with its references.'
+  'suite',
+  None,
+  "A suite directory (suite.json) or a built-in suite (table1: the paper's Table 1): run every "
+  'benchmark in it with its references.',
 )
 flags.DEFINE_string('suite_split', 'test', 'Suite split to evaluate (dev: for choosing settings).')
 flags.DEFINE_enum(

@@ -63,6 +63,8 @@ OFFLINE = [
   ('winogrande', 'validation', 'winogrande/winogrande_xl/validation'),
   ('commonsense_qa', 'validation', 'tau/commonsense_qa/none/validation'),
   ('social_iqa', 'validation', 'social_i_qa/none/validation'),
+  ('boolq', 'validation', 'boolq/none/validation'),
+  ('copa', 'validation', 'super_glue/copa/validation'),
 ]
 
 
@@ -466,6 +468,8 @@ def test_registry():
       'mmlu',
       'commonsense_qa',
       'social_iqa',
+      'boolq',
+      'copa',
     }
   )
   for row in table.values():

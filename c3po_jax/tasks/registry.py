@@ -117,6 +117,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     BenchmarkSpec(
       'social_iqa', adapters.social_iqa, 'allenai/social_i_qa', None, 'validation', _TV
     ),
+    # SuperGLUE members shipped offline (their test labels are hidden).
+    BenchmarkSpec('boolq', adapters.boolq, 'google/boolq', None, 'validation', _TV),
+    BenchmarkSpec('copa', adapters.copa, 'aps/super_glue', 'copa', 'validation', _TV),
   ]
 }
 
