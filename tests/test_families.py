@@ -261,3 +261,23 @@ def test_c3po_runs_on_the_family_and_identity_keeps_base(tmp_path, family):
     base, kr = by['base', i], by['kernel_regression', i]
     np.testing.assert_allclose(kr['choice_scores'], base['choice_scores'], atol=2e-4)
     assert np.all(np.isfinite(by['ngd', i]['choice_scores']))
+
+
+@pytest.mark.parametrize(
+  'flagfile',
+  sorted(f for f in os.listdir(os.path.dirname(os.path.dirname(__file__))) if f.endswith('.flags')),
+)
+def test_flagfiles_parse_into_a_run_config(flagfile):
+  """Every shipped flagfile names only real flags, with valid values."""
+  from absl import flags
+
+  from c3po_jax.run import config as run_config
+
+  fv = flags.FlagValues()
+  run_config.define_flags(fv)
+  for name in ('suite', 'suite_split', 'demo'):  # main.py's own flags
+    flags.DEFINE_string(name, None, '', flag_values=fv)
+  root = os.path.dirname(os.path.dirname(__file__))
+  fv(['prog', f'--flagfile={os.path.join(root, flagfile)}'])
+  rc = run_config.from_flags(fv, **({'benchmark': '-', 'reference': ('-',)} if fv.suite else {}))
+  assert rc.method.critical_layers

@@ -1,4 +1,4 @@
-"""Routing maths (models/olmoe/routing.py) against plain numpy."""
+"""Routing maths (models/routing.py) against plain numpy."""
 
 import jax.numpy as jnp
 import numpy as np
