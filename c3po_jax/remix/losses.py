@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix import scoring
-from models.olmoe import prefix, transformer
+from models.olmoe import layers, prefix, transformer
 from models.olmoe.config import OlmoeConfig
 
 
@@ -115,17 +115,10 @@ def _flat(a: jax.Array) -> jax.Array:
   return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
-def prepare_prefix(params, config: OlmoeConfig, first_layer: int, data: scoring.ChoiceBatch):
-  """One pathway-free pass over N neighbours [N, S, T] -> PrefixState.
-
-  Expects `scoring.make_batch` layouts: choice j's continuation is scored at
-  positions ctx_last[choice_seq[j]] + (0, 1, ...).
-  """
+def _state(win: prefix.PrefixWindow, data: scoring.ChoiceBatch) -> PrefixState:
+  """Flat windows [N*S, ...] of data [N, S, ...] -> PrefixState [N, ...]."""
   n, s, _ = data.tokens.shape
-  u = data.cont_pos.shape[-1]  # window: mc 1, rc the continuation bucket
-  win = prefix.prepare(
-    params, config, first_layer, _flat(data.tokens), _flat(data.mask), _flat(data.ctx_last), u
-  )
+  u = data.cont_pos.shape[-1]
   win_start = jnp.take_along_axis(data.ctx_last, data.choice_seq, axis=1)  # [N, C]
   win_pos = jnp.clip(data.cont_pos - win_start[..., None], 0, u - 1)
   return PrefixState(
@@ -137,6 +130,68 @@ def prepare_prefix(params, config: OlmoeConfig, first_layer: int, data: scoring.
     choice_valid=data.choice_valid,
     gold=data.gold,
   )
+
+
+def prepare_prefix(params, config: OlmoeConfig, first_layer: int, data: scoring.ChoiceBatch):
+  """One pathway-free pass over N neighbours [N, S, T] -> PrefixState.
+
+  Expects `scoring.make_batch` layouts: choice j's continuation is scored at
+  positions ctx_last[choice_seq[j]] + (0, 1, ...).
+  """
+  u = data.cont_pos.shape[-1]  # window: mc 1, rc the continuation bucket
+  win = prefix.prepare(
+    params, config, first_layer, _flat(data.tokens), _flat(data.mask), _flat(data.ctx_last), u
+  )
+  return _state(win, data)
+
+
+def analyze_and_prepare(params, config: OlmoeConfig, first_layer: int, data: scoring.ChoiceBatch):
+  """The base pass over [B, S, T] that also keeps its prefix state: (Analysis, PrefixState).
+
+  One native forward, as `scoring.analyze` runs it, split at the first
+  critical layer c0: the residual entering c0 at each window and the keys
+  and values of layers c0..L-1 (written to a cache as the layers run) are
+  kept, as `prepare_prefix` keeps them. So a sample's base analysis yields
+  what scoring it under any pathway needs (`PrefixLoss.make_scores`), and a
+  reference's what its neighbour loss needs. Equal to both up to rounding.
+  """
+  b, s, t = data.tokens.shape
+  tokens, mask = _flat(data.tokens), _flat(data.mask)
+  u = data.cont_pos.shape[-1]
+  slots = _flat(data.ctx_last)[:, None] + jnp.arange(u)[None, :]  # [B*S, U]
+  gather = jnp.minimum(slots, t - 1)  # slots past the end: padding, unused
+  positions = transformer.positions_from_mask(mask)  # [B*S, T]
+  common = dict(
+    positions=positions,
+    query_slots=jnp.broadcast_to(jnp.arange(t)[None, :], (b * s, t)),
+    key_valid=mask.astype(bool),
+    last_index=_flat(data.site),
+  )
+  x = params['embed'][tokens]  # [B*S, T, D]
+  x, _, lo_logits, lo_probs = transformer.decoder_stack(
+    params, x, config, layer_ids=range(first_layer), **common
+  )
+  x_win = jnp.take_along_axis(x, gather[:, :, None], axis=1)  # [B*S, U, D]
+  empty = jnp.zeros((b * s, t, config.num_key_value_heads, config.head_dim), x.dtype)  # as embedded
+  upper = range(first_layer, config.num_hidden_layers)
+  caches = [transformer.LayerCache(k=empty, v=empty)] * len(upper)
+  x, caches, hi_logits, hi_probs = transformer.decoder_stack(
+    params, x, config, layer_ids=upper, caches=caches, **common
+  )
+  hidden = layers.rms_norm(x, params['final_norm'], config.rms_norm_eps)
+  joined = lambda lo, hi: hi if lo is None else jnp.concatenate([lo, hi])  # [L, B*S, T, E]
+  an = scoring.analysis(
+    params, config, data, hidden, joined(lo_logits, hi_logits), joined(lo_probs, hi_probs)
+  )
+  win = prefix.PrefixWindow(
+    x=x_win,
+    k=jnp.stack([c.k for c in caches], axis=1),
+    v=jnp.stack([c.v for c in caches], axis=1),
+    key_valid=common['key_valid'],
+    positions=jnp.take_along_axis(positions, gather, axis=1),
+    slots=slots.astype(jnp.int32),
+  )
+  return an, _state(win, data)
 
 
 def window_scores(
