@@ -85,6 +85,13 @@ _BASELINES = flags.DEFINE_bool(
   'baselines', True, 'Also time the soft-prompt and prefix-tuning baselines.'
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of weights and tokens.')
+_END_TO_END = flags.DEFINE_bool(
+  'end_to_end',
+  False,
+  'Time the run pipeline instead (benchmarks/ngd_end_to_end.py): base, mode finding, kernel'
+  ' regression and NGD per test sample over --num_samples test samples sharing --references.',
+)
+_REFERENCES = flags.DEFINE_integer('references', 64, 'End to end: R references in the set.')
 
 NUM_CHOICES = 4
 
@@ -258,6 +265,53 @@ def _time_baselines(params, tokens, nb, w, spec, rows: dict, compile_s: dict) ->
     rows[kind] = (time.perf_counter() - start) / len(prompts)
 
 
+def _end_to_end(torch, model, params):
+  """`benchmarks.ngd_end_to_end` with naive PyTorch NGD on this model as an anchor."""
+  import numpy as np
+
+  from benchmarks import ngd_end_to_end
+  from c3po_jax.remix import methods
+  from models.families.olmoe import BENCH
+
+  layers = list(range(BENCH.num_hidden_layers - _CRITICAL.value, BENCH.num_hidden_layers))
+  state, blocks = {}, model.model.layers
+  for layer in layers:
+    blocks[layer].mlp = torch_c3po.c3po_moe(torch, blocks[layer].mlp, state, layer)
+  mc = methods.MethodConfig()
+  as_long = lambda a: torch.from_numpy(np.asarray(a).astype(np.int64))
+
+  def torch_ngd(tokens, letters, gold, w, base, core, *, steps):
+    return _torch_ngd(
+      torch,
+      model,
+      state,
+      layers,
+      as_long(tokens),
+      [int(x) for x in letters],
+      as_long(gold),
+      torch.from_numpy(w),
+      torch.from_numpy(base),
+      as_long(core),
+      steps,
+      mc.lr,
+      mc.lr_end,
+      1,
+      'weights',
+    )
+
+  ngd_end_to_end.run(
+    params=params,
+    torch_ngd=torch_ngd,
+    q=_NUM_SAMPLES.value,
+    r=_REFERENCES.value,
+    k=_K.value,
+    t=_SEQ_LEN.value,
+    steps=_STEPS.value,
+    rounds=_REPEATS.value,
+    seed=_SEED.value,
+  )
+
+
 def main(argv):
   del argv
   cores = _pin_cores(_THREADS.value)
@@ -276,6 +330,8 @@ def main(argv):
   torch.set_num_threads(len(cores))
   q, k, t = _NUM_SAMPLES.value, _K.value, _SEQ_LEN.value
   model, params = _models(_SEED.value)
+  if _END_TO_END.value:
+    return _end_to_end(torch, model, params)
   rng = np.random.default_rng(_SEED.value)
   tokens, neighbours, weights = _problem(rng, q, k, t, BENCH.vocab_size)
   tokens = jnp.asarray(tokens)

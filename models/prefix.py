@@ -61,6 +61,36 @@ class PrefixWindow:
     return self.x.shape[-2]
 
 
+def _setup(params, config: MoeConfig, tokens, mask, last_index, window_start, window: int):
+  """The bound model, the stack's shared keywords, window slots [B, U] and gather rows."""
+  b, t = tokens.shape
+  slots = window_start[:, None] + jnp.arange(window)[None, :]  # [B, U]
+  common = dict(
+    positions=transformer.positions_from_mask(mask),  # [B, T]
+    query_slots=jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)),
+    key_valid=mask.astype(bool),
+    last_index=last_index,
+  )
+  gather = jnp.minimum(slots, t - 1)  # slots past the end: padding, unused
+  return params_lib.bind(params, config), common, slots, gather
+
+
+def _window(x_win, k, v, common, slots, gather) -> PrefixWindow:
+  return PrefixWindow(
+    x=x_win,
+    k=k,
+    v=v,
+    key_valid=common['key_valid'],
+    positions=jnp.take_along_axis(common['positions'], gather, axis=1),
+    slots=slots.astype(jnp.int32),
+  )
+
+
+def _empty_caches(config: MoeConfig, x, n: int):
+  empty = jnp.zeros(x.shape[:2] + (config.num_key_value_heads, config.head_dim), x.dtype)
+  return [transformer.LayerCache(k=empty, v=empty)] * n
+
+
 def prepare(
   params, config: MoeConfig, first_layer: int, tokens, mask, window_start, window: int
 ) -> PrefixWindow:
@@ -70,43 +100,60 @@ def prepare(
   window: U, the window length.
   """
   params = jax.lax.stop_gradient(params)
-  b, t = tokens.shape
   num_layers = config.num_hidden_layers
-  key_valid = mask.astype(bool)
-  positions = transformer.positions_from_mask(mask)  # [B, T]
-  slots = window_start[:, None] + jnp.arange(window)[None, :]  # [B, U]
-  gather = jnp.minimum(slots, t - 1)  # slots past the end: padding, unused
-  common = dict(
-    positions=positions,
-    query_slots=jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)),
-    key_valid=key_valid,
-    last_index=window_start,
+  model, common, slots, gather = _setup(
+    params, config, tokens, mask, window_start, window_start, window
   )
-  model = params_lib.bind(params, config)
   x = model.embed(tokens)  # [B, T, D]
   x, _, _, _ = transformer.decoder_stack(model, x, layer_ids=range(first_layer), **common)
   x_win = jnp.take_along_axis(x, gather[:, :, None], axis=1)  # [B, U, D]
-  empty = jnp.zeros((b, t, config.num_key_value_heads, config.head_dim), x.dtype)
   # Nothing reads the last layer's outputs at the prefix: its keys and values only.
   mid = range(first_layer, num_layers - 1)
   x, caches, _, _ = transformer.decoder_stack(
-    model,
-    x,
-    layer_ids=mid,
-    caches=[transformer.LayerCache(k=empty, v=empty)] * len(mid),
-    **common,
+    model, x, layer_ids=mid, caches=_empty_caches(config, x, len(mid)), **common
   )
   last = model.layer(num_layers - 1)
-  _, k, v = last.attn.qkv(last.input_norm(x), positions)
-  state = PrefixWindow(
-    x=x_win,
-    k=jnp.stack([c.k for c in caches] + [k], axis=1),
-    v=jnp.stack([c.v for c in caches] + [v], axis=1),
-    key_valid=key_valid,
-    positions=jnp.take_along_axis(positions, gather, axis=1),
-    slots=slots.astype(jnp.int32),
+  _, k, v = last.attn.qkv(last.input_norm(x), common['positions'])
+  k = jnp.stack([c.k for c in caches] + [k], axis=1)
+  v = jnp.stack([c.v for c in caches] + [v], axis=1)
+  return jax.lax.stop_gradient(_window(x_win, k, v, common, slots, gather))
+
+
+def forward_and_prepare(
+  params, config: MoeConfig, first_layer: int, tokens, mask, last_index, window_start, window: int
+):
+  """A native forward over tokens [B, T] that also keeps its prefix state.
+
+  The forward of `transformer.forward_hidden` (pathway-free, the router
+  outputs of every layer) split at the first critical layer c0, keeping
+  what `prepare` keeps: so a prompt's base pass yields what scoring it under
+  any pathway needs. last_index [B]: each row's last real token.
+
+  Returns (hidden [B, T, D] final-normed, router logits [L, B, T, E], probs
+  [L, B, T, E], PrefixWindow).
+  """
+  model, common, slots, gather = _setup(
+    params, config, tokens, mask, last_index, window_start, window
   )
-  return jax.lax.stop_gradient(state)
+  x = model.embed(tokens)  # [B, T, D]
+  x, _, lo_logits, lo_probs = transformer.decoder_stack(
+    model, x, layer_ids=range(first_layer), **common
+  )
+  x_win = jnp.take_along_axis(x, gather[:, :, None], axis=1)  # [B, U, D]
+  upper = range(first_layer, config.num_hidden_layers)
+  x, caches, hi_logits, hi_probs = transformer.decoder_stack(
+    model, x, layer_ids=upper, caches=_empty_caches(config, x, len(upper)), **common
+  )
+  k = jnp.stack([c.k for c in caches], axis=1)
+  v = jnp.stack([c.v for c in caches], axis=1)
+  joined = lambda lo, hi: hi if lo is None else jnp.concatenate([lo, hi])  # [L, B, T, E]
+  state = jax.lax.stop_gradient(_window(x_win, k, v, common, slots, gather))
+  return (
+    model.final_norm(x),
+    joined(lo_logits, hi_logits),
+    joined(lo_probs, hi_probs),
+    state,
+  )
 
 
 def _window_attend(q, k, v, cache: transformer.LayerCache, slots, key_valid) -> jax.Array:

@@ -221,3 +221,13 @@ def test_seconds_per_sample_leaves_out_the_first_compiling_batch():
   s = results.summarize(rows)['ngd']
   assert s['seconds_per_sample'] == 4 / 3 and s['first_batch_seconds_per_sample'] == 9.0
   assert results.summarize(rows[:2])['ngd']['seconds_per_sample'] == 9.0  # one batch only
+
+
+def test_seconds_per_sample_leaves_out_measured_compilation():
+  # Rows that carry their share of the batch's compilation: steady time and total compile apart.
+  rows = [
+    {'method': 'ngd', 'id': str(i), 'correct': True, 'seconds': 1.0, 'compile_seconds': c}
+    for i, c in enumerate([5.0, 5.0, 0.0])
+  ]
+  s = results.summarize(rows)['ngd']
+  assert s['seconds_per_sample'] == 1.0 and s['compile_seconds'] == 10.0

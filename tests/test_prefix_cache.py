@@ -131,14 +131,24 @@ def _engine():
   return engine.Engine(CONFIG, ec)
 
 
+def _own_state(eng, prompt, kw):
+  """One prompt's state [1, ...] at its own buckets, prepared alone."""
+  data = scoring.make_batch([prompt], **kw)
+  return jax.tree.map(lambda x: x[0], eng.prepare(_params(), jax.tree.map(lambda x: x[None], data)))
+
+
 def test_state_cache_pads_cuts_and_evicts():
   eng = _engine()
   prompts = _prompts('rc') + _prompts('rc', seed=5)[:1]  # 16- and 32-token buckets
-  cache = state_cache.StateCache(eng.prepare, losses.fit, capacity=3)
   kw = dict(num_choices=3, max_len=MAX_LEN)
+  sizes = [state_cache.nbytes(_own_state(eng, p, kw)) for p in prompts]
+  assert len(set(sizes)) > 1  # a byte bound, not a count: states differ in size
+  bound = sizes[0] + sizes[2] + sizes[3]  # room for the three used last
+  cache = state_cache.StateCache(eng.prepare, losses.fit, max_bytes=bound)
   order = [0, 1, 2, 0, 3, 0]  # two test samples' neighbours; reference 0 recurs
   got = cache.states(_params(), [('r', i) for i in order], [prompts[i] for i in order], **kw)
   assert (cache.misses, cache.hits, len(cache)) == (4, 2, 3)
+  assert cache.device_bytes == bound
   assert ('r', 1) not in cache and all(('r', i) in cache for i in (0, 2, 3))  # LRU went
   # Reference: the four prepared together, at the batch's buckets.
   direct = eng.prepare(
@@ -216,3 +226,65 @@ def test_anchored_scores_equal_naive(mode):
     state = backend.prepare(_params(), CONFIG, ec, data)
     got[name] = backend.make_scores(_params(), CONFIG, ec, mode)(w, cs, state, anchors)
   np.testing.assert_allclose(got['prefix'], got['naive'], atol=TOL, rtol=0)
+
+
+def _assert_trees_close(got, want):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    assert a.shape == b.shape, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_store_spills_to_host_then_disk_and_reads_back(tmp_path):
+  eng = _engine()
+  kw = dict(num_choices=3, max_len=MAX_LEN)
+  prompts = _prompts('rc')
+  states = [_own_state(eng, p, kw) for p in prompts]
+  size = max(state_cache.nbytes(x) for x in states)
+  store = state_cache.StateCache(
+    eng.prepare, losses.fit, size, host_bytes=size, spill_dir=str(tmp_path), namespace='m'
+  )
+  for i, x in enumerate(states):  # 0 -> host -> disk, 1 -> host, 2 on the device
+    store.put(('r', i), x)
+  assert store.spilled == 1 and len(list(tmp_path.iterdir())) == 1
+  for i in (0, 1, 2):  # read back from each tier, equal; nothing recomputed
+    _assert_trees_close(store.get(('r', i)), states[i])
+  got = store.states(_params(), [('r', 2), ('r', 0)], [prompts[2], prompts[0]], **kw)
+  assert store.misses == 0
+  assert got.window.k.shape[0] == 2
+  # Another namespace (another model or layer split) never reads these files.
+  other = state_cache.StateCache(eng.prepare, losses.fit, size, spill_dir=str(tmp_path))
+  other.put(('r', 1), states[1])
+  assert other.get(('r', 0)) is None
+
+
+@pytest.mark.parametrize('fmt', ['mc', 'rc'])
+def test_base_pass_states_equal_fresh_states_and_analysis(fmt):
+  """The base pass's analysis and prefix states == `scoring.analyze` and `prepare_prefix`."""
+  data = _batch(fmt)
+  an, st = jax.jit(functools.partial(losses.analyze_and_prepare, config=CONFIG, first_layer=1))(
+    _params(), data=data
+  )
+  _assert_trees_close(an, scoring.analyze(_params(), data, config=CONFIG))
+  _assert_trees_close(st, losses.prepare_prefix(_params(), CONFIG, 1, data))
+  # first_layer = 0: every layer's keys are kept.
+  an0, st0 = losses.analyze_and_prepare(_params(), CONFIG, 0, data)
+  _assert_trees_close(an0.scores, an.scores)
+  _assert_trees_close(st0, losses.prepare_prefix(_params(), CONFIG, 0, data))
+
+
+@pytest.mark.parametrize('mode', ['topk', 'dense'])
+def test_window_evaluation_of_a_test_sample_equals_its_full_forward(mode):
+  """`path_scores` on the base pass's states == `analyze_remixed` (a second full forward)."""
+  spec, cs, w = _slice((1, 3))
+  eng = engine.Engine(CONFIG, engine.EngineConfig(spec=spec, eval_pathway_mode=mode))
+  data = _batch('rc')  # per-choice contexts: each sequence keeps its own rows
+  an, st = eng.analyze_prepared(_params(), data)
+  q = data.size
+  css = jax.tree.map(lambda x: jnp.stack([x] * q), cs)
+  path = jnp.stack([jax.vmap(pw_lib.base_weights)(css), jnp.stack([w] * q)], axis=1)  # [Q, 2, ...]
+  tests = jax.tree.map(lambda x: x[:, None], st)
+  got = eng.path_scores(_params(), css, tests, an.seq_router_probs, path)  # [Q, 2, C]
+  want = eng.analyze_remixed(_params(), data, css, path[:, -1], an.seq_router_probs).scores
+  np.testing.assert_allclose(got[:, -1], want, atol=TOL, rtol=0)
+  if mode == 'topk':  # the base weights as top-k rows: the base pathway
+    np.testing.assert_allclose(got[:, 0], an.scores, atol=TOL, rtol=0)

@@ -3,7 +3,8 @@
 Kernel regression with alpha = 1 keeps every sample's base pathway: its
 per-choice scores in results.jsonl must equal base's, for mc letters, rc, and
 rc with per-choice contexts (WinoGrande), where each sequence has to keep its
-own routing.
+own routing. Its final scores come from the test samples' prefix states kept
+by the base pass (a window forward), the base's from that full pass.
 """
 
 import numpy as np
@@ -51,3 +52,6 @@ def test_identity_pathway_rows_equal_base(ckpt, tmp_path, benchmark, fmt):
     assert kr['prediction'] == base['prediction'] and kr['alpha'] == 1.0
     assert kr['topk_new'] == 0.0 and kr['mean_abs_delta'] == 0.0
     assert np.all(np.isfinite(base['choice_scores']))
+    assert kr['compile_seconds'] >= 0.0  # compilation apart from the steady-state seconds
+  summary = results.summarize(rows)['kernel_regression']
+  assert summary['compile_seconds'] > 0.0 and 'first_batch_seconds_per_sample' not in summary

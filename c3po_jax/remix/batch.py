@@ -60,7 +60,7 @@ def neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts, prepared=True)
       nb_prompts, num_choices=nc, max_len=ml, position=runner.rc.method.token_position
     )
   else:  # already prepared: [Q * N, ...]
-    keys = [(e.task, e.id, runner.rc.data.fmt) for e in nb_refs]
+    keys = [runner.state_key(e, 'ref') for e in nb_refs]
     flat = states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
   data = runner.shard(jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat))
   if prepared and states is None:
@@ -89,7 +89,7 @@ class BatchInputs:
   test_batch: object = None  # ChoiceBatch [Q, ...]
   cs: object = None  # CoreSlice [Q, ...]
   seq_probs: object = None  # [Q, S, L, E]
-  tests: object = None  # the test samples' prefix states [Q, 1, ...] (ngd, oracle), or None
+  tests: object = None  # the test samples' prefix states [Q, 1, ...] (last token), or None
 
 
 def _mode_finding(b: BatchInputs):
@@ -212,23 +212,33 @@ def method_batch(method: str, b: BatchInputs):
   b.test_batch = runner.batch([b.prompts[i] for i in b.pidx])
   b.cs = eng.core_slices(runner.shard(b.base.router_probs[b.pidx]))
   b.seq_probs = runner.shard(b.base.seq_probs[b.pidx])  # [Q, S, L, E]
-  if remix.path and runner.rc.method.token_position == 'last':
-    b.tests = eng.prepare_tests(params, b.test_batch)
+  if runner.rc.method.token_position == 'last':  # prefix states: the window scores the result
+    keys = [runner.state_key(runner.test[i], 'test') for i in b.pidx]
+    b.tests = runner.test_states([b.prompts[i] for i in b.pidx], b.test_batch, keys)
   out = remix.run(b)
-  an = jax.device_get(eng.analyze_remixed(params, b.test_batch, b.cs, out.trace.w, b.seq_probs))
-  return an.scores[: len(b.idx)], _extras(method, remix, b, out)
+  path_scores = None
+  if b.tests is None:  # a second full forward of the test batch
+    an = eng.analyze_remixed(params, b.test_batch, b.cs, out.trace.w, b.seq_probs)
+    scores = jax.device_get(an.scores)
+  else:  # the final pathway is the path's last point: only the window runs
+    path = out.trace.path if remix.path else out.trace.w[:, None]
+    path_scores = np.asarray(eng.path_scores(params, b.cs, b.tests, b.seq_probs, path))
+    scores = path_scores[:, -1]  # [Q, C]
+  return scores[: len(b.idx)], _extras(method, remix, b, out, path_scores)
 
 
-def _extras(method: str, remix: Remix, b: BatchInputs, out) -> list[dict]:
-  """Per-sample row fields: pathway before/after, losses, step accuracy, fallbacks."""
+def _extras(method: str, remix: Remix, b: BatchInputs, out, path_scores=None) -> list[dict]:
+  """Per-sample row fields: pathway before/after, losses, step accuracy, fallbacks.
+
+  path_scores [Q, P, C]: the test samples' scores along the method's path, if evaluated.
+  """
   runner, eng = b.runner, b.runner.engine
   trace = out.trace
   w0 = jax.vmap(pw_lib.base_weights)(b.cs)
   step_correct = None
-  if b.tests is not None:
-    path = eng.path_scores(runner.params, b.cs, b.tests, b.seq_probs, trace.path)  # [Q, P, C]
+  if remix.path and path_scores is not None:
     gold = np.asarray([runner.test[i].gold for i in b.pidx])
-    step_correct = np.argmax(np.asarray(path), axis=-1) == gold[:, None]
+    step_correct = np.argmax(path_scores, axis=-1) == gold[:, None]
   finite = np.asarray(trace.finite)
   loss_trace = np.asarray(trace.losses)
   topk_new, delta = np.asarray(out.topk_new), np.asarray(out.mean_abs_delta)

@@ -61,6 +61,7 @@ class Engine:
     self.ec = ec
     self.loss_backend = loss_backend
     self.analyze = jax.jit(functools.partial(scoring.analyze, config=config))
+    self.analyze_prepared = jax.jit(self._analyze_prepared)
     self.analyze_remixed = jax.jit(self._analyze_remixed)
     self.prepare = jax.jit(self._prepare)
     self.prepare_tests = jax.jit(self._prepare_tests)
@@ -97,6 +98,14 @@ class Engine:
     rows = jax.vmap(lambda wi, ci, ai: pw_lib.pathway_rows(wi, ci, mode, ai))(w, cs, anchors)
     pathway = {layer: rows[:, :, i] for i, layer in enumerate(self.ec.spec.layers)}
     return scoring.analyze(params, batch, config=self.config, pathway=pathway, pathway_mode=mode)
+
+  def _analyze_prepared(self, params, batch):
+    """The base analysis of a batch [B, ...] and its prefix states [B, ...] in one pass.
+
+    `losses.analyze_and_prepare`: what `path_scores` needs of a test sample,
+    or the neighbour loss of a reference, comes with its base pass.
+    """
+    return losses.analyze_and_prepare(params, self.config, min(self.ec.spec.layers), batch)
 
   def _prepare(self, params, data):
     """Per-sample neighbour batches [Q, N, ...] -> the loss backend's state.
@@ -179,9 +188,11 @@ class Engine:
     """Choice scores [Q, P, C] of the test samples at every point of a path [Q, P, C, Kc].
 
     Evaluated as the final pathway is (eval mode, per-sequence rows), from
-    the test samples' prefix states (`prepare_tests`): only the last-token
-    window runs through the critical layers, so the accuracy after each NGD
-    step (the paper's Fig. 6) costs little.
+    the test samples' prefix states (kept from their base pass, or
+    `prepare_tests`): only the last-token window runs through the layers
+    from the first critical one on, so the final evaluation and the accuracy
+    after each NGD step (the paper's Fig. 6) cost little; equal to
+    `analyze_remixed` up to rounding.
     """
     mode = self.ec.eval_pathway_mode
     scores_fn = losses.PrefixLoss.make_scores(params, self.config, self.ec, mode)

@@ -115,17 +115,10 @@ def _flat(a: jax.Array) -> jax.Array:
   return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
-def prepare_prefix(params, config: MoeConfig, first_layer: int, data: scoring.ChoiceBatch):
-  """One pathway-free pass over N neighbours [N, S, T] -> PrefixState.
-
-  Expects `scoring.make_batch` layouts: choice j's continuation is scored at
-  positions ctx_last[choice_seq[j]] + (0, 1, ...).
-  """
+def _state(win: prefix.PrefixWindow, data: scoring.ChoiceBatch) -> PrefixState:
+  """Flat windows [N*S, ...] of data [N, S, ...] -> PrefixState [N, ...]."""
   n, s, _ = data.tokens.shape
-  u = data.cont_pos.shape[-1]  # window: mc 1, rc the continuation bucket
-  win = prefix.prepare(
-    params, config, first_layer, _flat(data.tokens), _flat(data.mask), _flat(data.ctx_last), u
-  )
+  u = data.cont_pos.shape[-1]
   win_start = jnp.take_along_axis(data.ctx_last, data.choice_seq, axis=1)  # [N, C]
   win_pos = jnp.clip(data.cont_pos - win_start[..., None], 0, u - 1)
   return PrefixState(
@@ -137,6 +130,44 @@ def prepare_prefix(params, config: MoeConfig, first_layer: int, data: scoring.Ch
     choice_valid=data.choice_valid,
     gold=data.gold,
   )
+
+
+def prepare_prefix(params, config: MoeConfig, first_layer: int, data: scoring.ChoiceBatch):
+  """One pathway-free pass over N neighbours [N, S, T] -> PrefixState.
+
+  Expects `scoring.make_batch` layouts: choice j's continuation is scored at
+  positions ctx_last[choice_seq[j]] + (0, 1, ...).
+  """
+  u = data.cont_pos.shape[-1]  # window: mc 1, rc the continuation bucket
+  win = prefix.prepare(
+    params, config, first_layer, _flat(data.tokens), _flat(data.mask), _flat(data.ctx_last), u
+  )
+  return _state(win, data)
+
+
+def analyze_and_prepare(params, config: MoeConfig, first_layer: int, data: scoring.ChoiceBatch):
+  """The base pass over [B, S, T] that also keeps its prefix state: (Analysis, PrefixState).
+
+  One native forward, as `scoring.analyze` runs it, split at the first
+  critical layer c0: the residual entering c0 at each window and the keys
+  and values of layers c0..L-1 (written to a cache as the layers run) are
+  kept, as `prepare_prefix` keeps them. So a sample's base analysis yields
+  what scoring it under any pathway needs (`PrefixLoss.make_scores`), and a
+  reference's what its neighbour loss needs. Equal to both up to rounding.
+  """
+  u = data.cont_pos.shape[-1]
+  hidden, logits, probs, win = prefix.forward_and_prepare(
+    params,
+    config,
+    first_layer,
+    _flat(data.tokens),
+    _flat(data.mask),
+    _flat(data.site),
+    _flat(data.ctx_last),
+    u,
+  )
+  an = scoring.analysis(params, config, data, hidden, logits, probs)
+  return an, _state(win, data)
 
 
 def window_scores(

@@ -220,7 +220,20 @@ def analyze(
     prefix_embeds=prefix_embeds,
     kv_prefix=kv_prefix,
   )
-  hidden = out.hidden.reshape(b, s, t, -1)  # [B, S, T, D]
+  return analysis(params, config, batch, out.hidden, out.router_logits, out.router_probs)
+
+
+def analysis(
+  params: transformer.Params,
+  config: MoeConfig,
+  batch: ChoiceBatch,
+  hidden: jax.Array,
+  router_logits: jax.Array,
+  router_probs: jax.Array,
+) -> Analysis:
+  """The Analysis of a pass: final-normed hidden [B*S, T, D], routing [L, B*S, T, E]."""
+  b, s, t = batch.tokens.shape
+  hidden = hidden.reshape(b, s, t, -1)  # [B, S, T, D]
   c, tc = batch.cont_pos.shape[1:]
   rows = jnp.arange(b)[:, None, None]
   seqs = jnp.broadcast_to(batch.choice_seq[:, :, None], (b, c, tc))
@@ -233,9 +246,9 @@ def analyze(
   idx0 = batch.ctx_last[:, 0]  # [B]
   seq0 = jnp.arange(b) * s
   last_hidden = hidden[jnp.arange(b), 0, idx0]
-  r_logits = out.router_logits[:, seq0, idx0]  # [L, B, E]
+  r_logits = router_logits[:, seq0, idx0]  # [L, B, E]
   flat_site = batch.site.reshape(b * s)
-  seq_probs = out.router_probs[:, jnp.arange(b * s), flat_site]  # [L, B*S, E]
+  seq_probs = router_probs[:, jnp.arange(b * s), flat_site]  # [L, B*S, E]
   seq_probs = jnp.moveaxis(seq_probs.reshape((-1, b, s) + seq_probs.shape[2:]), 0, 2)
   return Analysis(
     scores=scores,

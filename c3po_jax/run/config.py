@@ -155,10 +155,20 @@ class ExecutionSettings:
   ngd_backend: str = setting(
     'prefix', 'Neighbour loss: prefix-cached or naive.', choices=NGD_BACKENDS
   )
-  prefix_cache_size: int = setting(
-    1024,
-    'References whose prefix states are kept across batches (LRU; 0: off). Each holds keys and'
-    ' values of the layers from the first critical one on: 2 x layers x tokens x kv_width values.',
+  prefix_cache_bytes: int | None = setting(
+    None,
+    'Bytes of device memory for the prefix states of references and test samples, kept from'
+    ' their first pass through the model (LRU; default: a quarter of the free device memory, on'
+    ' CPU of the available host memory; 0: none). A state holds keys and values of the layers'
+    ' from the first critical one on: 2 x layers x tokens x kv_width values.',
+  )
+  prefix_host_bytes: int | None = setting(
+    None,
+    'Bytes of host memory for prefix states the device memory evicts (default: a quarter of the'
+    ' available host memory on an accelerator, none on CPU).',
+  )
+  prefix_spill_dir: str | None = setting(
+    None, 'Folder for prefix states evicted from memory (default: none); later runs reuse them.'
   )
   cache_dir: str = setting('~/.cache/c3po_jax', 'Reference-set cache directory.')
   num_plots: int = setting(4, 'Routing heatmaps to draw.')
@@ -255,8 +265,10 @@ class RunConfig:
       raise ValueError(f'methods {sorted(needs_refs)} need --reference sources')
     if self.execution.batch_size < 1 or self.neighbourhood.k < 1:
       raise ValueError('batch_size and k must be >= 1')
-    if self.execution.prefix_cache_size < 0:
-      raise ValueError(f'prefix_cache_size={self.execution.prefix_cache_size} must be >= 0')
+    for name in ('prefix_cache_bytes', 'prefix_host_bytes'):
+      value = getattr(self.execution, name)
+      if value is not None and value < 0:
+        raise ValueError(f'{name}={value} must be >= 0')
     mesh.parse_mesh_shape(self.mesh.mesh_shape)  # raises on a malformed spec
     checks.check_ranges(self)  # --lr=0, --dtype=int8, ...: refused before any model loads
     if isinstance(m.critical_layers, int):

@@ -153,12 +153,15 @@ def mcnemar_p(b: int, c: int) -> float:
 def summarize(rows: list[dict]) -> dict:
   """Per-method accuracy, acc_norm, changes versus base, fallbacks, timing.
 
-  Timing: each method's first batch includes jit compilation, so it is left
-  out of seconds_per_sample when the method has other rows, and reported as
-  first_batch_seconds_per_sample. A batch's rows share one per-sample time,
-  so the first batch is the leading run of rows (in file order) whose time
-  equals the first row's. (A resumed run compiles again; that batch is not
-  told apart.)
+  Timing: rows that carry `compile_seconds` (their batch's jit compilation,
+  shared out) have it left out of `seconds`: seconds_per_sample is the mean
+  steady-state time and compile_seconds the method's total compilation.
+  Older rows include compilation in `seconds`: each method's first batch is
+  then left out of seconds_per_sample when the method has other rows, and
+  reported as first_batch_seconds_per_sample. A batch's rows share one
+  per-sample time, so the first batch is the leading run of rows (in file
+  order) whose time equals the first row's. (A resumed run compiles again;
+  that batch is not told apart.)
   """
   by_method: dict[str, dict[str, dict]] = defaultdict(dict)
   for r in rows:
@@ -190,8 +193,13 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _timing(rows: list[dict]) -> dict:
-  """seconds_per_sample without the first (compiling) batch; see summarize."""
+  """seconds_per_sample without compilation; see summarize."""
   times = [r.get('seconds', 0.0) for r in rows]
+  if rows and all('compile_seconds' in r for r in rows):
+    return {
+      'seconds_per_sample': sum(times) / len(times),
+      'compile_seconds': sum(r['compile_seconds'] for r in rows),
+    }
   first = 0
   while first < len(times) and times[first] == times[0]:
     first += 1
@@ -228,7 +236,7 @@ def format_table(summary: dict, benchmark: str) -> str:
   n = max((s['n'] for s in summary.values()), default=0)
   lines.append(
     f'({n} test samples; accuracy % with its 95% Wilson interval; +/-: answers fixed/broken '
-    'versus base; p: exact McNemar; s/sample: after the first, compiling batch)'
+    'versus base; p: exact McNemar; s/sample: steady state, jit compilation left out)'
   )
   return '\n'.join(lines)
 

@@ -12,6 +12,7 @@ De embedding width.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -23,7 +24,7 @@ from c3po_jax.ckpts import hub
 from c3po_jax.ckpts.checkpoint import load_checkpoint
 from c3po_jax.ckpts.hf_snapshot import read_config
 from c3po_jax.neighbours import embedding, references
-from c3po_jax.remix import baselines, engine, losses, methods
+from c3po_jax.remix import baselines, engine, losses, methods, state_cache
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix.scoring import ChoiceBatch, make_batch, pad_to, predictions
 from c3po_jax.remix.state_cache import StateCache
@@ -100,6 +101,34 @@ def make_engine(rc: RunConfig, config) -> engine.Engine:
   return engine.Engine(config, ec, loss_backend=losses.BACKENDS[backend_name(rc)])
 
 
+def make_store(rc: RunConfig, eng: engine.Engine, params) -> StateCache | None:
+  """The prefix-state store of a run, or None (naive backend, or --prefix_cache_bytes=0)."""
+  x = rc.execution
+  if backend_name(rc) != 'prefix' or x.prefix_cache_bytes == 0:
+    return None
+  auto_device, auto_host = state_cache.auto_budgets()
+  device = auto_device if x.prefix_cache_bytes is None else x.prefix_cache_bytes
+  host = auto_host if x.prefix_host_bytes is None else x.prefix_host_bytes
+  # What a state depends on besides its prompt: it names the spilled files.
+  fingerprint = references.params_fingerprint(params)
+  dtype = str(jax.tree.leaves(params)[0].dtype)
+  namespace = json.dumps([fingerprint, dtype, min(eng.ec.spec.layers), rc.model.max_len])
+  logging.info(
+    'prefix-state store: %d device bytes, %d host bytes, spill to %s',
+    device,
+    host,
+    x.prefix_spill_dir,
+  )
+  return StateCache(
+    eng.prepare,
+    eng.loss_backend.fit,
+    max(device, 1),
+    host_bytes=host,
+    spill_dir=x.prefix_spill_dir and os.path.expanduser(x.prefix_spill_dir),
+    namespace=namespace,
+  )
+
+
 class Runner:
   """The model, engine and caches of a run; batched passes over prompts."""
 
@@ -107,11 +136,8 @@ class Runner:
     self.rc, self.config, self.params, self.tokenizer = rc, config, params, tokenizer
     self.mesh = mesh
     self.engine = make_engine(rc, config)
-    # Prepared neighbour states of recurring references, by (task, id, fmt).
-    self.states = None
-    if backend_name(rc) == 'prefix' and rc.execution.prefix_cache_size:
-      fit = self.engine.loss_backend.fit
-      self.states = StateCache(self.engine.prepare, fit, rc.execution.prefix_cache_size)
+    # Prefix states of references and test samples (`state_key`), from their first pass.
+    self.states = make_store(rc, self.engine, params)
     self.encoder = None
     if rc.neighbourhood.embedder != 'moe':
       n = rc.neighbourhood
@@ -152,18 +178,48 @@ class Runner:
       )
     )
 
+  def test_states(self, prompts, test_batch, keys):
+    """The test samples' prefix states [Q, 1, ...]: from the store (their base pass) or fresh."""
+    if self.states is None:
+      return self.engine.prepare_tests(self.params, test_batch)
+    kw = dict(num_choices=self.num_choices, max_len=self.rc.model.max_len)
+    flat = self.states.states(self.params, keys, prompts, **kw)  # [Q, ...]
+    return self.shard(jax.tree.map(lambda x: x[:, None], flat))
+
   def shard(self, tree):
     """Per-sample arrays [Q, ...] split over the mesh's data axis."""
     return tree if self.mesh is None else mesh_lib.shard_batch(tree, self.mesh)
 
-  def analyze(self, examples, prompts, desc) -> PromptsAnalysis:
+  def state_key(self, example: Example, role: str) -> tuple:
+    """A prompt's key in the prefix-state store: role 'ref' or 'test'."""
+    return (role, example.task, example.id, self.rc.data.fmt, self.num_choices)
+
+  def analyze(self, examples, prompts, desc, *, role=None, correct_only=False) -> PromptsAnalysis:
+    """The base pass over prompts in batches.
+
+    role: keep each prompt's prefix state in the store under `state_key`
+    (with a store and the last token re-mixed); correct_only: only of the
+    prompts the base answers correctly (the reference set).
+    """
     bs = self.rc.execution.batch_size
+    keep = role is not None and self.states is not None
+    keep = keep and self.rc.method.token_position == 'last'
     out = {k: [] for k in ('scores', 'chars', 'hidden', 'logits', 'probs', 'seq_probs')}
     for i in tqdm(range(0, len(prompts), bs), desc=desc, unit='batch'):
       chunk = prompts[i : i + bs]
       b = self.batch(chunk)
-      an = jax.device_get(self.engine.analyze(self.params, b))
       n = len(chunk)
+      if keep:
+        an, st = self.engine.analyze_prepared(self.params, b)
+        an = jax.device_get(an)
+        keys = [self.state_key(e, role) for e in examples[i : i + n]]
+        if correct_only:
+          pred, _ = predictions(an.scores[:n], np.asarray(b.cont_chars)[:n])
+          keys = [k if p == e.gold else None for k, p, e in zip(keys, pred, examples[i : i + n])]
+        kw = dict(num_choices=self.num_choices, max_len=self.rc.model.max_len)
+        self.states.put_rows(keys, st, chunk, **kw)
+      else:
+        an = jax.device_get(self.engine.analyze(self.params, b))
       out['scores'].append(an.scores[:n])
       out['chars'].append(np.asarray(b.cont_chars)[:n])
       out['hidden'].append(an.last_hidden[:n])
@@ -207,7 +263,7 @@ class Runner:
     if cached is not None:
       logging.info('reusing reference set %s (%d kept)', key, len(cached))
       return cached
-    an = self.analyze(pool, self.encode(pool), 'references')
+    an = self.analyze(pool, self.encode(pool), 'references', role='ref', correct_only=True)
     pred, _ = predictions(an.scores, an.cont_chars)
     keep = np.flatnonzero(pred == np.asarray([e.gold for e in pool]))
     refs = references.ReferenceSet(
