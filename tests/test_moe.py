@@ -12,6 +12,7 @@ import pytest
 
 from models import dispatch as moe
 from models import ragged, routing
+from models.config import ConfigError, MoeConfig
 
 D, F = 8, 6
 
@@ -185,6 +186,8 @@ def test_auto_dispatch_is_sorted_on_cpu():
   assert moe.resolve('auto') == 'sorted' and moe.resolve('ragged') == 'ragged'
   with pytest.raises(ValueError, match='dispatch'):
     moe.resolve('megablocks')
+  with pytest.raises(ConfigError, match='dispatch'):
+    MoeConfig(dispatch='megablocks')
 
 
 def _batched_problem(seed, b=3, n=11, k=3, e=6):
@@ -235,3 +238,16 @@ def test_ragged_grad_under_vmap_matches_sorted(order):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.shape == w.shape
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_pathway_gradient_drops_per_sample_weight_cotangents():
+  """vmap(grad) w.r.t. x and routing weights only: no per-sample [B, E, D, F] is compiled."""
+  params, x, weights, indices, cotangent = _batched_problem(7, b=3, e=5)
+
+  def loss(x, w, idx, ct):
+    return jnp.sum(ragged.moe_ragged(x, w, idx, params) * ct)
+
+  grad = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
+  hlo = grad.lower(x, weights, indices, cotangent).compile().as_text()
+  e, d, f = params['gate'].shape
+  assert f'[3,{e},{d},{f}]' not in hlo and 'while' not in hlo
