@@ -28,7 +28,10 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'Tokens per sequence.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per batch size (median).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls before timing.')
 _DISPATCH = flags.DEFINE_enum(
-  'dispatch', 'auto', ['auto', 'dense', 'sorted', 'gather'], 'MoE dispatch of our forward.'
+  'dispatch',
+  'auto',
+  ['auto', 'dense', 'sorted', 'ragged', 'gather'],
+  "MoE dispatch of our forward (auto: the model's own choice for this backend).",
 )
 _BLOCK_SIZE = flags.DEFINE_integer(
   'block_size', 0, 'Rows per block of --dispatch=sorted (0: its own choice).'
@@ -109,17 +112,19 @@ def _ours(config, dispatch: str, block_size: int):
   from models import dispatch as moe
   from models import routing, transformer
 
+  if dispatch in ('sorted', 'ragged'):
+    config = config.replace(dispatch=dispatch)
+
   def logits(params, tokens):
     return transformer.forward(params, tokens, config=config).logits
 
   jitted = jax.jit(logits)
-  if dispatch == 'auto' and not block_size:
+  if dispatch in ('auto', 'ragged') or (dispatch == 'sorted' and not block_size):
     return jitted
 
   # Benchmark-only: the model picks its dispatch itself; force another one
   # while tracing (jit traces on the first call of each shape).
   forced = {
-    'auto': moe.moe_topk,
     'sorted': moe.moe_sorted,
     'gather': moe.moe_gather,
     'dense': lambda x, w, i, p: moe.moe_dense(
@@ -130,9 +135,10 @@ def _ours(config, dispatch: str, block_size: int):
     if dispatch != 'sorted':
       raise app.UsageError('--block_size applies to --dispatch=sorted only')
     forced = functools.partial(forced, block_size=block_size)
+  forced_topk = lambda x, w, i, p, impl: forced(x, w, i, p)
 
   def call(params, tokens):
-    with mock.patch.object(moe, 'moe_topk', forced):
+    with mock.patch.object(moe, 'moe_topk', forced_topk):
       return jitted(params, tokens)
 
   return call

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 QK_NORMS = (None, 'full', 'head')
+DISPATCHES = ('auto', 'sorted', 'ragged')  # models.dispatch.resolve
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,10 @@ class MoeConfig:
   shared_intermediate_size: int = 0  # their total width (one fused SwiGLU MLP)
   shared_expert_gate: bool = False  # scale them by sigmoid(x @ w) (Qwen2-MoE)
   model_type: str = 'olmoe'
+  # How routed experts are dispatched (`models.dispatch.resolve`): 'auto'
+  # ('sorted' on CPU, 'ragged' on GPU/TPU), 'sorted' or 'ragged'. Same numbers
+  # either way; not part of the HF config or the checkpoint.
+  dispatch: str = 'auto'
 
   def __post_init__(self):
     object.__setattr__(self, 'dense_layers', tuple(sorted(int(i) for i in self.dense_layers)))
@@ -80,6 +85,8 @@ class MoeConfig:
         f'num_experts_per_tok={self.num_experts_per_tok} must be in '
         f'[1, num_experts={self.num_experts}]'
       )
+    if self.dispatch not in DISPATCHES:
+      raise ConfigError(f'dispatch={self.dispatch!r}, expected one of {DISPATCHES}')
     if self.qk_norm not in QK_NORMS:
       raise ConfigError(f'qk_norm={self.qk_norm!r}, expected one of {QK_NORMS}')
     bad = [i for i in self.dense_layers if not 0 <= i < self.num_hidden_layers]

@@ -1,6 +1,6 @@
 """Sparse mixture-of-experts feed-forward: SwiGLU experts stacked on axis E.
 
-Three numerically equivalent dispatch strategies:
+Four numerically equivalent dispatch strategies:
 
 * `moe_dense`: every expert runs on every token, outputs weighted by a dense
   [N, E] combine matrix: E/K times the sparse FLOPs. Used for the pathway's
@@ -14,11 +14,17 @@ Three numerically equivalent dispatch strategies:
   so it works under `vmap` and `grad`; FLOPs are within one block's padding
   per expert of the sparse optimum.
 
-`moe_topk` is what the model calls. It uses `moe_sorted` at every N: on CPU
-that measured fastest from one token to thousands, at or above transformers'
-grouped-matmul experts (see `benchmarks/forward_throughput.py`).
-`jax.lax.ragged_dot` on the sorted layout was ~70x slower on CPU and has no
-`vmap` rule in jax 0.10, so it is not used.
+* `ragged.moe_ragged`: sorts the assignments by expert and runs each SwiGLU
+  matmul as one `jax.lax.ragged_dot` over the expert groups (grouped GEMM on
+  GPU/TPU); a custom batching rule folds a `vmap`ped axis into the tokens.
+
+`moe_topk` is what the model calls; `MoeConfig.dispatch` picks the
+implementation ('auto': `resolve`). On CPU the block-sorted scan measured
+fastest from one token to thousands, at or above transformers' grouped-matmul
+experts, and `ragged_dot` is several times slower on CPU (`python -m
+benchmarks.forward_throughput --dispatch=ragged`; README "Measured speed"),
+so 'auto' is 'sorted' there and 'ragged' on GPU and TPU, where `ragged_dot`
+is a native grouped matmul and the scan's per-block loop would serialize.
 
 Dimensions: N tokens (flattened batch), D model, F expert hidden, E experts,
 K experts per token, A = N*K assignments, S rows per block, G blocks.
@@ -30,6 +36,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from models import ragged
+from models.config import DISPATCHES
 
 
 def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -159,8 +168,19 @@ def moe_sorted(
   return out[:n].astype(x.dtype)
 
 
-def moe_topk(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
-  """Top-k MoE on [N, D] tokens: the block-sorted dispatch at every N."""
+def resolve(impl: str) -> str:
+  """'auto' -> 'sorted' on CPU, 'ragged' on GPU/TPU (the default backend at trace time)."""
+  if impl not in DISPATCHES:
+    raise ValueError(f'dispatch={impl!r}, expected one of {DISPATCHES}')
+  if impl == 'auto':
+    return 'sorted' if jax.default_backend() == 'cpu' else 'ragged'
+  return impl
+
+
+def moe_topk(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict, impl: str = 'auto'):
+  """Top-k MoE on [N, D] tokens with the `impl` dispatch (see `resolve`)."""
+  if resolve(impl) == 'ragged':
+    return ragged.moe_ragged(x, weights, indices, moe)
   return moe_sorted(x, weights, indices, moe)
 
 

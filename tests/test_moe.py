@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from models import dispatch as moe
-from models import routing
+from models import ragged, routing
+from models.config import ConfigError, MoeConfig
 
 D, F = 8, 6
 
@@ -67,6 +68,8 @@ DISPATCHES = {
   'sorted_block1': functools.partial(moe.moe_sorted, block_size=1),
   'sorted_block8': functools.partial(moe.moe_sorted, block_size=8),
   'topk': moe.moe_topk,
+  'ragged': ragged.moe_ragged,
+  'topk_ragged': functools.partial(moe.moe_topk, impl='ragged'),
 }
 
 # (N, K, E, routing kind). N*K is never a multiple of 8 in the odd cases.
@@ -104,7 +107,7 @@ def test_expert_outputs_is_every_expert_on_every_token():
     np.testing.assert_allclose(got[:, e], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('dispatch', ['gather', 'sorted', 'sorted_block8', 'topk'])
+@pytest.mark.parametrize('dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged'])
 def test_vmap_equals_per_sample_loop(dispatch):
   rng = np.random.default_rng(1)
   b, n, k, e = 3, 19, 3, 8
@@ -123,7 +126,7 @@ def test_vmap_equals_per_sample_loop(dispatch):
     )
 
 
-@pytest.mark.parametrize('dispatch', ['gather', 'sorted', 'sorted_block8', 'topk'])
+@pytest.mark.parametrize('dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged'])
 def test_grad_matches_dense(dispatch):
   rng = np.random.default_rng(2)
   n, k, e, kind = 29, 3, 8, 'one_expert'
@@ -177,3 +180,74 @@ def test_vmapped_grad_copies_no_expert_weights():
   for shape in _intermediate_shapes(jaxpr):
     if shape[-2:] in ((d, f), (f, d)):
       assert np.prod(shape) <= b * d * f, f'copy of expert weights: {shape}'
+
+
+def test_auto_dispatch_is_sorted_on_cpu():
+  assert moe.resolve('auto') == 'sorted' and moe.resolve('ragged') == 'ragged'
+  with pytest.raises(ValueError, match='dispatch'):
+    moe.resolve('megablocks')
+  with pytest.raises(ConfigError, match='dispatch'):
+    MoeConfig(dispatch='megablocks')
+
+
+def _batched_problem(seed, b=3, n=11, k=3, e=6):
+  rng = np.random.default_rng(seed)
+  params = make_params(rng, e)
+  x = jnp.asarray(rng.normal(size=(b, n, D)), jnp.float32)
+  routes = [make_routing(rng, n, k, e, kind) for kind in ('random', 'skewed', 'one_expert')[:b]]
+  weights = jnp.stack([w for w, _ in routes])  # [B, N, K]
+  indices = jnp.stack([i for _, i in routes])
+  cotangent = jnp.asarray(rng.normal(size=(b, n, D)), jnp.float32)
+  return params, x, weights, indices, cotangent
+
+
+def test_ragged_nested_vmap_and_unbatched_args():
+  """Folding works through two vmaps and with x shared by the batch."""
+  params, x, weights, indices, _ = _batched_problem(5)
+  nested = jax.vmap(jax.vmap(ragged.moe_ragged, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))
+  got = jax.jit(nested)(x[None], weights[None], indices[None], params)[0]
+  shared_x = jax.jit(jax.vmap(ragged.moe_ragged, in_axes=(None, 0, 0, None)))
+  got_shared = shared_x(x[0], weights, indices, params)
+  for i in range(x.shape[0]):
+    want = reference_moe(x[i], weights[i], indices[i], params)
+    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+    want = reference_moe(x[0], weights[i], indices[i], params)
+    np.testing.assert_allclose(got_shared[i], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('order', ['vmap_of_grad', 'grad_of_vmap'])
+def test_ragged_grad_under_vmap_matches_sorted(order):
+  """Per-sample gradients (x, routing weights, expert weights) equal the sorted dispatch's."""
+  params, x, weights, indices, cotangent = _batched_problem(6)
+
+  def loss(fn, x, w, idx, p, ct):
+    return jnp.sum(fn(x, w, idx, p) * ct)
+
+  def grads(fn):
+    g = jax.grad(functools.partial(loss, fn), argnums=(0, 1, 3))
+    if order == 'vmap_of_grad':
+      return jax.jit(jax.vmap(g, in_axes=(0, 0, 0, None, 0)))(
+        x, weights, indices, params, cotangent
+      )
+    batched = lambda x, w, p: jnp.sum(
+      jax.vmap(fn, in_axes=(0, 0, 0, None))(x, w, indices, p) * cotangent
+    )
+    return jax.jit(jax.grad(batched, argnums=(0, 1, 2)))(x, weights, params)
+
+  got, want = grads(ragged.moe_ragged), grads(moe.moe_sorted)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_pathway_gradient_drops_per_sample_weight_cotangents():
+  """vmap(grad) w.r.t. x and routing weights only: no per-sample [B, E, D, F] is compiled."""
+  params, x, weights, indices, cotangent = _batched_problem(7, b=3, e=5)
+
+  def loss(x, w, idx, ct):
+    return jnp.sum(ragged.moe_ragged(x, w, idx, params) * ct)
+
+  grad = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
+  hlo = grad.lower(x, weights, indices, cotangent).compile().as_text()
+  e, d, f = params['gate'].shape
+  assert f'[3,{e},{d},{f}]' not in hlo and 'while' not in hlo

@@ -57,6 +57,7 @@ class Experts(nnx.Module):
 
   def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     e, d, f = config.num_experts, config.hidden_size, config.expert_intermediate_size
+    self.dispatch = config.dispatch
     self.gate = normal_param(rngs, (e, d, f), dtype)
     self.up = normal_param(rngs, (e, d, f), dtype)
     self.down = normal_param(rngs, (e, f, d), dtype)
@@ -66,7 +67,7 @@ class Experts(nnx.Module):
 
   def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
     """Sparse dispatch: x [N, D], top-k weights/indices [N, K] -> [N, D]."""
-    return dispatch.moe_topk(x, weights, indices, self.weights())
+    return dispatch.moe_topk(x, weights, indices, self.weights(), self.dispatch)
 
   def mix(self, x: jax.Array, combine: jax.Array) -> jax.Array:
     """Every expert on every row, mixed densely: x [N, D], combine [N, E] -> [N, D]."""
