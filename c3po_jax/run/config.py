@@ -155,6 +155,11 @@ class ExecutionSettings:
   ngd_backend: str = setting(
     'prefix', 'Neighbour loss: prefix-cached or naive.', choices=NGD_BACKENDS
   )
+  moe_dispatch: str = setting(
+    'auto',
+    'Routed-expert dispatch: auto (sorted blocks on CPU, ragged_dot on GPU/TPU), sorted, ragged.',
+    choices=('auto', 'sorted', 'ragged'),
+  )
   prefix_cache_bytes: int | None = setting(
     None,
     'Bytes of device memory for the prefix states of references and test samples, kept from'

@@ -52,6 +52,7 @@ def load_model(rc: RunConfig, mesh=None):
   if mesh is not None:  # Orbax restores each leaf straight into its sharding
     shardings = mesh_lib.param_shardings(read_config(path), mesh)
   config, params = load_checkpoint(path, dtype=rc.model.dtype, shardings=shardings)
+  config = config.replace(dispatch=rc.execution.moe_dispatch)
   has_tok = os.path.exists(os.path.join(path, 'tokenizer.json'))
   tokenizer = load_tokenizer(path if has_tok else None)
   return config, params, tokenizer
