@@ -158,20 +158,3 @@ def test_table1_flagfile_runs_all_six_benchmarks(tiny_hf, tmp_path):
   proc = subprocess.run(args + ['--resume'], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count('(finished earlier') == 6
-
-
-def test_suite_empties_neighbour_states_between_benchmarks():
-  """States are padded to the choice count of their benchmark: PIQA's Social IQa
-  states (5 choices with CommonsenseQA) must not reach WinoGrande's batches (3)."""
-  import types
-
-  from c3po_jax.remix.state_cache import StateCache
-
-  fit = types.SimpleNamespace(fit=lambda *a: None)
-  engine = types.SimpleNamespace(prepare=lambda *a: None, loss_backend=fit)
-  runner = types.SimpleNamespace(engine=engine, states=StateCache(engine.prepare, fit.fit, 7))
-  runner.states._entries['social_iqa/validation-0'] = object()
-  suite_run._drop_neighbour_states(runner)
-  assert len(runner.states) == 0 and runner.states.capacity == 7
-  runner.states = None  # no prefix cache: nothing to drop
-  suite_run._drop_neighbour_states(runner)

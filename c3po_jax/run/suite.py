@@ -24,7 +24,6 @@ import jax
 
 from c3po_jax.common import files
 from c3po_jax.remix import diagnostics
-from c3po_jax.remix.state_cache import StateCache
 from c3po_jax.run import output as run_output
 from c3po_jax.run import paper_table, pipeline, plots, results
 from c3po_jax.run.config import GROUP_OF, RunConfig
@@ -92,10 +91,9 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
       print(f'(finished earlier: {sub.execution.output_dir}/{results.SUMMARY_FILE})')
       per_benchmark[name] = finished['methods']
     else:
-      if runner is None:
-        runner = pipeline.open_runner(sub)
-      else:
-        _drop_neighbour_states(runner)
+      # One runner for the suite: its prefix-state keys carry the choice count,
+      # so benchmarks sharing a reference source never mix padded widths.
+      runner = runner or pipeline.open_runner(sub)
       per_benchmark[name] = pipeline.run(sub, runner)
     if jax.process_index() != 0:
       continue  # only process 0 holds the merged results (multi-process runs)
@@ -133,19 +131,6 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
     },
   )
   return {'benchmarks': per_benchmark, 'pooled': pooled}
-
-
-def _drop_neighbour_states(runner) -> None:
-  """Empties the runner's neighbour-state cache before the next benchmark.
-
-  Its states are keyed by reference alone but padded to the choice count of
-  the benchmark that prepared them; two benchmarks sharing a reference source
-  with other choice counts (PIQA: 2, WinoGrande: 2, both with Social IQa)
-  would otherwise stack states of different widths.
-  """
-  if runner.states is not None:
-    engine = runner.engine
-    runner.states = StateCache(engine.prepare, engine.loss_backend.fit, runner.states.capacity)
 
 
 def _finished(sub: RunConfig) -> dict | None:
