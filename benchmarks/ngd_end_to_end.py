@@ -41,7 +41,19 @@ def _prompts(rng, n: int, t: int, vocab: int, letters, task: str):
   return examples, prompts
 
 
-def run(*, params, torch_ngd, q: int, r: int, k: int, t: int, steps: int, rounds: int, seed: int):
+def run(
+  *,
+  params,
+  torch_ngd,
+  q: int,
+  r: int,
+  k: int,
+  t: int,
+  steps: int,
+  rounds: int,
+  seed: int,
+  opt_pathway_mode: str = 'topk',
+):
   """Times the pipeline's steps; returns the result dict (see the module docstring)."""
   import jax
   import numpy as np
@@ -60,7 +72,7 @@ def run(*, params, torch_ngd, q: int, r: int, k: int, t: int, steps: int, rounds
     k=k,
     critical_layers='last:5',
     core_experts=20,
-    opt_pathway_mode='topk',
+    opt_pathway_mode=opt_pathway_mode,
     ngd_steps=steps,
     batch_size=min(q, 8),
     max_similarity=1.0,
@@ -139,7 +151,9 @@ def run(*, params, torch_ngd, q: int, r: int, k: int, t: int, steps: int, rounds
   out.update({f'{m}_over_base': round(rows[m] / rows['base'], 3) for m in METHODS})
   out['torch_naive_over_ngd'] = round(rows['torch_naive'] / rows['ngd'], 1)
   out['naive_jax_over_ngd'] = round(rows['naive_jax'] / rows['ngd'], 1)
-  out['setup'] = dict(q=q, r=r, k=k, t=t, steps=steps, rounds=rounds, batch_size=bs)
+  out['setup'] = dict(
+    q=q, r=r, k=k, t=t, steps=steps, rounds=rounds, batch_size=bs, opt_pathway_mode=opt_pathway_mode
+  )
   out['load_average'] = [round(x, 2) for x in load]
   print(f'NGD end to end (load average {load[0]:.2f}): Q={q}, R={r}, k={k}, T={t}')
   print(f'{"":<18} {"s / sample":>11} {"x base":>8}')

@@ -309,6 +309,7 @@ def _end_to_end(torch, model, params):
     steps=_STEPS.value,
     rounds=_REPEATS.value,
     seed=_SEED.value,
+    opt_pathway_mode=_MODE.value,
   )
 
 

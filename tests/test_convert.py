@@ -130,7 +130,7 @@ BAD_INPUTS = {
   'missing_expert': (
     lambda hf: _edit_shard(hf, UP, lambda t: t.pop(UP)),
     ConversionError,
-    r'layer_0/moe/up experts \[3\]',
+    r'layer_0/moe/experts/up experts \[3\]',
   ),
   'unexpected_tensor': (
     lambda hf: _edit_shard(
