@@ -168,11 +168,28 @@ def forward_hidden(
   are trained prompts (see the module docstring); every output and index is
   the tokens' own (T positions).
   """
+  model = params_lib.bind(params, config)
+  return _hidden(
+    model, tokens, attention_mask, pathway, pathway_mode, pathway_index, prefix_embeds, kv_prefix
+  )
+
+
+def _hidden(
+  model: Transformer,
+  tokens,
+  attention_mask,
+  pathway,
+  pathway_mode,
+  pathway_index,
+  prefix_embeds,
+  kv_prefix,
+) -> HiddenOutput:
+  """`forward_hidden` on the bound model."""
+  config = model.config
   _check_pathway(pathway, config, pathway_mode)
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
-  model = params_lib.bind(params, config)
   x = model.embed(tokens)  # [B, T, D]
   p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
   if p:  # a soft prompt: P embeddings in front, on real slots and positions
@@ -237,16 +254,9 @@ def forward(
   kv_prefix: Mapping[int, LayerCache] | None = None,
 ) -> ForwardOutput:
   """Full model. tokens int32 [B, T] -> ForwardOutput (logits [B, T, V])."""
-  out = forward_hidden(
-    params,
-    tokens,
-    config=config,
-    attention_mask=attention_mask,
-    pathway=pathway,
-    pathway_mode=pathway_mode,
-    pathway_index=pathway_index,
-    prefix_embeds=prefix_embeds,
-    kv_prefix=kv_prefix,
+  model = params_lib.bind(params, config)
+  out = _hidden(
+    model, tokens, attention_mask, pathway, pathway_mode, pathway_index, prefix_embeds, kv_prefix
   )
   return ForwardOutput(
     hidden=out.hidden,
@@ -254,5 +264,5 @@ def forward(
     router_probs=out.router_probs,
     last_index=out.last_index,
     last_hidden=out.last_hidden,
-    logits=lm_head(params, out.hidden, config),
+    logits=model.logits(out.hidden),
   )

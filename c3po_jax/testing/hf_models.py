@@ -7,21 +7,12 @@ import numpy as np
 
 from models import families, hf_mapping
 from models.config import MoeConfig
+from models.families.olmoe import TINY
 
-TINY_HF_KWARGS = dict(
-  vocab_size=128,
-  hidden_size=32,
-  intermediate_size=16,
-  num_hidden_layers=3,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  num_experts=8,
-  num_experts_per_tok=2,
-  max_position_embeddings=128,
-  pad_token_id=1,
-  eos_token_id=2,
-  bos_token_id=None,
-)
+# The HF config of our TINY preset (same sizes on both sides of the parity tests).
+TINY_HF_KWARGS = {
+  k: v for k, v in families.to_hf_config(TINY).items() if k not in ('architectures', 'model_type')
+}
 
 
 def make_hf_model(seed: int = 0, **overrides):
