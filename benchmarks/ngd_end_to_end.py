@@ -53,6 +53,7 @@ def run(
   rounds: int,
   seed: int,
   opt_pathway_mode: str = 'topk',
+  batch_size: int = 8,
 ):
   """Times the pipeline's steps; returns the result dict (see the module docstring)."""
   import jax
@@ -74,7 +75,7 @@ def run(
     core_experts=20,
     opt_pathway_mode=opt_pathway_mode,
     ngd_steps=steps,
-    batch_size=min(q, 8),
+    batch_size=min(q, batch_size),
     max_similarity=1.0,
   )
   rng = np.random.default_rng(seed)

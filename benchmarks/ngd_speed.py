@@ -92,6 +92,7 @@ _END_TO_END = flags.DEFINE_bool(
   ' regression and NGD per test sample over --num_samples test samples sharing --references.',
 )
 _REFERENCES = flags.DEFINE_integer('references', 64, 'End to end: R references in the set.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'End to end: test samples per jitted batch.')
 
 NUM_CHOICES = 4
 
@@ -310,6 +311,7 @@ def _end_to_end(torch, model, params):
     rounds=_REPEATS.value,
     seed=_SEED.value,
     opt_pathway_mode=_MODE.value,
+    batch_size=_BATCH.value,
   )
 
 

@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models import ragged
+from models import fold, ragged
 from models.config import DISPATCHES
 
 
@@ -177,10 +177,57 @@ def resolve(impl: str) -> str:
   return impl
 
 
-def moe_topk(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict, impl: str = 'auto'):
-  """Top-k MoE on [N, D] tokens with the `impl` dispatch (see `resolve`)."""
+moe_sorted_folding = fold.token_wise(moe_sorted)
+
+
+def moe_few(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict) -> jax.Array:
+  """Top-k MoE for the pathway window: x [N, D], weights/indices [N, K] -> [N, D].
+
+  With at most E assignments every expert runs on every token, mixed by the
+  top-k weights (`mix_all_experts`: each expert's weights read once, no
+  per-block loop); with more, the block-sorted scan. Under `moe_window`'s
+  vmap the choice is made at the folded size (all samples' window tokens).
+  """
+  n, k = indices.shape
+  e = moe['gate'].shape[0]
+  if n * k <= e:
+    combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], indices].add(weights)
+    return mix_all_experts(moe, x, combine)
+  return moe_sorted(x, weights, indices, moe)
+
+
+# The pathway window's dispatch: vmapped over samples (NGD, the oracle, the
+# final scoring), it runs once on every sample's window tokens together.
+_moe_window = fold.token_wise(moe_few)
+
+
+def moe_window(x, weights, indices, moe: dict, impl: str = 'auto') -> jax.Array:
+  """The window dispatch on [N, D] tokens: `moe_few` folded (CPU), `ragged` on GPU/TPU."""
   if resolve(impl) == 'ragged':
     return ragged.moe_ragged(x, weights, indices, moe)
+  return _moe_window(x, weights, indices, moe)
+
+
+def moe_topk(
+  x: jax.Array,
+  weights: jax.Array,
+  indices: jax.Array,
+  moe: dict,
+  impl: str = 'auto',
+  fold_vmap: bool = False,
+):
+  """Top-k MoE on [N, D] tokens with the `impl` dispatch (see `resolve`).
+
+  fold_vmap: a `vmap` of the sorted dispatch runs once on the batch folded
+  into the tokens (`fold`), instead of per sample with batched weight
+  slices; for calls vmapped over samples (the pathway window, NGD). Its
+  backward recomputes the forward, so plain training leaves it off.
+  `ragged` always folds (it has no other vmap rule).
+  """
+  if resolve(impl) == 'ragged':
+    return ragged.moe_ragged(x, weights, indices, moe)
+  if fold_vmap:
+    return moe_sorted_folding(x, weights, indices, moe)
   return moe_sorted(x, weights, indices, moe)
 
 

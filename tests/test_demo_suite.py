@@ -500,6 +500,8 @@ def test_premise_choice_ce_and_summary():
     correct,
     np.zeros(3, bool),
     np.zeros(3, bool),
+    np.full(3, np.nan),  # descent cosine, hit: tests/test_premise.py
+    np.full(3, np.nan),
   )
   assert out['gap_mean_base_right'] == 0.1 and out['gap_mean_base_wrong'] == 2.0
   assert out['n_base_wrong'] == 2 and out['accuracy_random_rows'] == 0.0

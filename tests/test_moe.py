@@ -70,7 +70,11 @@ DISPATCHES = {
   'topk': moe.moe_topk,
   'ragged': ragged.moe_ragged,
   'topk_ragged': functools.partial(moe.moe_topk, impl='ragged'),
+  'sorted_folding': moe.moe_sorted_folding,
+  'topk_fold': functools.partial(moe.moe_topk, fold_vmap=True),
 }
+# The dispatches whose vmap folds the batch into the tokens (`models.fold`).
+FOLDING = {'ragged': ragged.moe_ragged, 'sorted_folding': moe.moe_sorted_folding}
 
 # (N, K, E, routing kind). N*K is never a multiple of 8 in the odd cases.
 CASES = [
@@ -107,7 +111,9 @@ def test_expert_outputs_is_every_expert_on_every_token():
     np.testing.assert_allclose(got[:, e], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged'])
+@pytest.mark.parametrize(
+  'dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged', 'sorted_folding']
+)
 def test_vmap_equals_per_sample_loop(dispatch):
   rng = np.random.default_rng(1)
   b, n, k, e = 3, 19, 3, 8
@@ -126,7 +132,9 @@ def test_vmap_equals_per_sample_loop(dispatch):
     )
 
 
-@pytest.mark.parametrize('dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged'])
+@pytest.mark.parametrize(
+  'dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged', 'sorted_folding']
+)
 def test_grad_matches_dense(dispatch):
   rng = np.random.default_rng(2)
   n, k, e, kind = 29, 3, 8, 'one_expert'
@@ -201,12 +209,14 @@ def _batched_problem(seed, b=3, n=11, k=3, e=6):
   return params, x, weights, indices, cotangent
 
 
-def test_ragged_nested_vmap_and_unbatched_args():
+@pytest.mark.parametrize('dispatch', sorted(FOLDING))
+def test_folding_nested_vmap_and_unbatched_args(dispatch):
   """Folding works through two vmaps and with x shared by the batch."""
   params, x, weights, indices, _ = _batched_problem(5)
-  nested = jax.vmap(jax.vmap(ragged.moe_ragged, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))
+  fn = FOLDING[dispatch]
+  nested = jax.vmap(jax.vmap(fn, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))
   got = jax.jit(nested)(x[None], weights[None], indices[None], params)[0]
-  shared_x = jax.jit(jax.vmap(ragged.moe_ragged, in_axes=(None, 0, 0, None)))
+  shared_x = jax.jit(jax.vmap(fn, in_axes=(None, 0, 0, None)))
   got_shared = shared_x(x[0], weights, indices, params)
   for i in range(x.shape[0]):
     want = reference_moe(x[i], weights[i], indices[i], params)
@@ -215,8 +225,9 @@ def test_ragged_nested_vmap_and_unbatched_args():
     np.testing.assert_allclose(got_shared[i], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('dispatch', sorted(FOLDING))
 @pytest.mark.parametrize('order', ['vmap_of_grad', 'grad_of_vmap'])
-def test_ragged_grad_under_vmap_matches_sorted(order):
+def test_folding_grad_under_vmap_matches_sorted(order, dispatch):
   """Per-sample gradients (x, routing weights, expert weights) equal the sorted dispatch's."""
   params, x, weights, indices, cotangent = _batched_problem(6)
 
@@ -234,20 +245,29 @@ def test_ragged_grad_under_vmap_matches_sorted(order):
     )
     return jax.jit(jax.grad(batched, argnums=(0, 1, 2)))(x, weights, params)
 
-  got, want = grads(ragged.moe_ragged), grads(moe.moe_sorted)
+  got, want = grads(FOLDING[dispatch]), grads(moe.moe_sorted)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.shape == w.shape
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_ragged_pathway_gradient_drops_per_sample_weight_cotangents():
-  """vmap(grad) w.r.t. x and routing weights only: no per-sample [B, E, D, F] is compiled."""
+@pytest.mark.parametrize('dispatch', sorted(FOLDING))
+def test_folding_pathway_gradient_copies_no_expert_weights(dispatch):
+  """vmap(grad) w.r.t. x and routing weights only: no per-sample expert weights are compiled.
+
+  Neither the per-sample weight cotangents [B, E, D, F] nor per-sample slices
+  of one expert [B, D, F] (what a vmapped, unfolded sorted dispatch gathers
+  per block); the ragged dispatch has no loop at all.
+  """
   params, x, weights, indices, cotangent = _batched_problem(7, b=3, e=5)
+  fn = FOLDING[dispatch]
 
   def loss(x, w, idx, ct):
-    return jnp.sum(ragged.moe_ragged(x, w, idx, params) * ct)
+    return jnp.sum(fn(x, w, idx, params) * ct)
 
   grad = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
   hlo = grad.lower(x, weights, indices, cotangent).compile().as_text()
   e, d, f = params['gate'].shape
-  assert f'[3,{e},{d},{f}]' not in hlo and 'while' not in hlo
+  assert f'[3,{e},{d},{f}]' not in hlo
+  assert f'[3,{d},{f}]' not in hlo and f'[3,{f},{d}]' not in hlo
+  assert dispatch != 'ragged' or 'while' not in hlo

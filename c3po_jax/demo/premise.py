@@ -16,6 +16,10 @@ with the overlap filter):
                  is replaced by a random row (uniform on the simplex) or by
                  the base routing of a random test sample of another
                  benchmark of the suite (its own rows injected back: base).
+  descent        whether the NGD objective's gradient at the base routing
+                 points to the neighbours' routing (`premise_descent`):
+                 cosine of the descent step with the way there, and how often
+                 the steepest-descent expert is one of the neighbours' top-k.
 
   python -m c3po_jax.demo.premise --suite=checkpoints/demo/suite \\
       --checkpoint_dir=checkpoints/demo --split=dev
@@ -37,6 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from c3po_jax.common import files
+from c3po_jax.demo import premise_descent
 from c3po_jax.neighbours import search as neighbours
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix import scoring
@@ -118,6 +123,8 @@ def transfer_gap(b: Benchmark, pool, layers, k: int, max_similarity: float) -> d
   moved = score_with(b.runner, pair_prompts, rows, layers)
   moved_loss = choice_ce(moved, ref_gold[ri])
   moved_wrong = np.argmax(moved, axis=-1) != ref_gold[ri]
+  kw = premise_descent.kernel_weights(b.runner.rc, refs, nbh)
+  descent = premise_descent.descent_direction(b.runner, b.base_probs, refs, nbh, kw)
   q = len(b.gold)
   gap = np.full(q, np.nan)
   wrong_frac = np.full(q, np.nan)
@@ -132,6 +139,8 @@ def transfer_gap(b: Benchmark, pool, layers, k: int, max_similarity: float) -> d
     'gap': gap,
     'own_loss': own_loss,
     'neighbours_wrong': wrong_frac,
+    'descent_cosine': descent['cosine'],
+    'descent_hit': descent['hit'],
     'references_kept': len(refs),
     'references_candidates': refs.num_candidates,
   }
@@ -154,16 +163,16 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
   manifest = suite_run.read_suite(suite_dir)
   model = load_model(rc)
   config = model[0]
-  layers = pw_lib.PathwaySpec.for_model(
-    config, rc.method.critical_layers, rc.method.core_experts
-  ).layers
+  spec = pw_lib.PathwaySpec.for_model(config, rc.method.critical_layers, rc.method.core_experts)
+  layers = spec.layers
   benches, pools = [], []
   for name, entry in manifest['benchmarks'].items():
     b, pool = _prepare(rc, suite_dir, name, entry, split, model)
     benches.append(b)
     pools.append(pool)
   rng = np.random.default_rng(seed)
-  per, pooled = {}, {key: [] for key in ('correct', 'gap', 'own', 'nw', 'same', 'rand', 'other')}
+  keys = ('correct', 'gap', 'own', 'nw', 'same', 'rand', 'other', 'cos', 'hit')
+  per, pooled = {}, {key: [] for key in keys}
   for bi, (b, pool) in enumerate(zip(benches, pools)):
     correct = np.argmax(b.base_scores, axis=-1) == b.gold
     t = transfer_gap(b, pool, layers, rc.neighbourhood.k, rc.neighbourhood.max_similarity)
@@ -181,14 +190,12 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
       other = np.argmax(score_with(b.runner, b.prompts, other_rows, layers), -1) == b.gold
     else:
       other = np.full(q, np.nan)
-    per[b.name] = summarize(
-      correct, t['gap'], t['own_loss'], t['neighbours_wrong'], same, rand, other
-    )
+    values = (correct, t['gap'], t['own_loss'], t['neighbours_wrong'], same, rand, other)
+    values += (t['descent_cosine'], t['descent_hit'])
+    per[b.name] = summarize(*values)
     per[b.name]['references_kept'] = t['references_kept']
     per[b.name]['references_candidates'] = t['references_candidates']
-    for key, v in zip(
-      pooled, (correct, t['gap'], t['own_loss'], t['neighbours_wrong'], same, rand, other)
-    ):
+    for key, v in zip(pooled, values):
       pooled[key].append(v)
   cat = {key: np.concatenate(v) for key, v in pooled.items()}
   out = {
@@ -199,6 +206,7 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
     'k': rc.neighbourhood.k,
     'max_similarity': rc.neighbourhood.max_similarity,
     'samples_per_benchmark': rc.data.max_test_samples,
+    'descent_hit_chance': round(config.num_experts_per_tok / spec.num_core, 4),
     'seed': seed,
     'benchmarks': per,
     'pooled': summarize(*cat.values()),
@@ -206,7 +214,7 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
   return out
 
 
-def summarize(correct, gap, own, neighbours_wrong, same, rand, other) -> dict:
+def summarize(correct, gap, own, neighbours_wrong, same, rand, other, cosine, hit) -> dict:
   right, wrong = correct.astype(bool), ~correct.astype(bool)
   return {
     'n': int(len(correct)),
@@ -222,6 +230,9 @@ def summarize(correct, gap, own, neighbours_wrong, same, rand, other) -> dict:
     'accuracy_own_rows': _mean(same),
     'accuracy_random_rows': _mean(rand),
     'accuracy_other_benchmark_rows': _mean(other),
+    'descent_cosine_base_right': _mean(cosine[right]),
+    'descent_cosine_base_wrong': _mean(cosine[wrong]),
+    'descent_hit_base_wrong': _mean(hit[wrong]),
   }
 
 
@@ -236,6 +247,9 @@ COLUMNS = (
   ('acc:own', 'accuracy_own_rows', '{:.3f}'),
   ('acc:random', 'accuracy_random_rows', '{:.3f}'),
   ('acc:other', 'accuracy_other_benchmark_rows', '{:.3f}'),
+  ('cos|right', 'descent_cosine_base_right', '{:+.3f}'),
+  ('cos|wrong', 'descent_cosine_base_wrong', '{:+.3f}'),
+  ('hit|wrong', 'descent_hit_base_wrong', '{:.3f}'),
 )
 
 
@@ -254,7 +268,10 @@ def format_table(result: dict) -> str:
     "gap: mean neighbour loss (CE over choices) under the test sample's routing minus under "
     'their own; nbr-fail: share of neighbours answered wrong under it; own-loss: median '
     "neighbour loss under their own routing; acc:X: test accuracy with the critical layers' "
-    'last-token routing replaced by X.'
+    "last-token routing replaced by X; cos: cosine of NGD's first descent step from the base "
+    "(dense mode) with the way to the neighbours' mean routing; hit: share of critical layers "
+    "whose steepest-descent expert is one of that routing's top-k (chance: "
+    f'{result.get("descent_hit_chance", float("nan")):.3f}).'
   )
   return '\n'.join(lines)
 

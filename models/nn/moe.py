@@ -65,9 +65,11 @@ class Experts(nnx.Module):
   def weights(self) -> dict:
     return {'gate': self.gate[...], 'up': self.up[...], 'down': self.down[...]}
 
-  def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
-    """Sparse dispatch: x [N, D], top-k weights/indices [N, K] -> [N, D]."""
-    return dispatch.moe_topk(x, weights, indices, self.weights(), self.dispatch)
+  def __call__(
+    self, x: jax.Array, weights: jax.Array, indices: jax.Array, fold_vmap: bool = False
+  ) -> jax.Array:
+    """Sparse dispatch: x [N, D], top-k weights/indices [N, K] -> [N, D] (`dispatch.moe_topk`)."""
+    return dispatch.moe_topk(x, weights, indices, self.weights(), self.dispatch, fold_vmap)
 
   def mix(self, x: jax.Array, combine: jax.Array) -> jax.Array:
     """Every expert on every row, mixed densely: x [N, D], combine [N, E] -> [N, D]."""
@@ -114,8 +116,9 @@ class MoeBlock(nnx.Module):
       probs = routing.override_last_token(probs, last_index, pathway)
     weights, indices = self._top_k(probs)  # [B, T, K]
     k = weights.shape[-1]
-    out = self.experts(h.reshape(b * t, d), weights.reshape(b * t, k), indices.reshape(b * t, k))
-    out = out.reshape(b, t, d)
+    flat = (h.reshape(b * t, d), weights.reshape(b * t, k), indices.reshape(b * t, k))
+    # With a pathway the call is C3PO's, usually vmapped over test samples.
+    out = self.experts(*flat, fold_vmap=pathway is not None).reshape(b, t, d)
     if pathway is not None and pathway_mode == 'dense':
       # The last token mixes every expert with non-zero weight, without top-k.
       coeff = routing.dense_coefficients(pathway, self.config.norm_topk_prob)  # [B, E]
@@ -128,30 +131,23 @@ class MoeBlock(nnx.Module):
   def window(self, h: jax.Array, pathway: jax.Array | None, pathway_mode: str) -> jax.Array:
     """The block on window tokens h [B, U, D]; the pathway token is index 0.
 
-    A window is a few tokens per sequence. With few assignments every expert
-    runs on every window token (each expert's weights read once for the whole
-    batch under vmap) and the top-k weights, zero elsewhere, mix them:
-    gathering each assignment's expert weights instead is memory-bound, and
-    slower. Many tokens (rc) take the sorted dispatch.
+    The routed experts run through `dispatch.moe_window`: under the vmap
+    over test samples that every C3PO caller applies, all samples' window
+    tokens go through one dispatch (each expert's weights read in place,
+    only the top-k experts computed); unbatched, a few tokens mix every
+    expert. In dense mode the pathway token mixes every expert with its
+    pathway row (zero off the core).
     """
     b, u, d = h.shape
-    e = self.config.num_experts
     _, probs = self.router(h)
     if pathway is not None:
       probs = routing.override_last_token(probs, jnp.zeros((b,), jnp.int32), pathway)
     weights, indices = self._top_k(probs)  # [B, U, K]
     k = weights.shape[-1]
-    dense_row = None
+    flat = (h.reshape(b * u, d), weights.reshape(-1, k), indices.reshape(-1, k))
+    out = dispatch.moe_window(*flat, self.experts.weights(), self.config.dispatch)
+    out = out.reshape(b, u, d)
     if pathway is not None and pathway_mode == 'dense':
       dense_row = routing.dense_coefficients(pathway, self.config.norm_topk_prob)  # [B, E]
-    if b * u * k <= e:
-      combine = routing.combine_weights(weights, indices, e)  # [B, U, E]
-      if dense_row is not None:
-        combine = combine.at[:, 0].set(dense_row)
-      out = self.experts.mix(h.reshape(b * u, d), combine.reshape(b * u, e)).reshape(b, u, d)
-    else:
-      out = self.experts(h.reshape(b * u, d), weights.reshape(-1, k), indices.reshape(-1, k))
-      out = out.reshape(b, u, d)
-      if dense_row is not None:
-        out = out.at[:, 0].set(self.experts.mix(h[:, 0], dense_row))
+      out = out.at[:, 0].set(self.experts.mix(h[:, 0], dense_row))
     return self._add_shared(h, out)
