@@ -184,14 +184,16 @@ def window_scores(
   n, c, tc = st.win_pos.shape
   rows = jnp.arange(n)[:, None, None]
   seqs = jnp.broadcast_to(st.choice_seq[:, :, None], (n, c, tc))
-  h = hidden[rows, seqs, st.win_pos]  # [N, C, Tc, D]
   shared = st.window.x.shape[1] == 1 and st.window_size == 1  # one position: it cancels
   if logits_only and shared:
+    h = hidden[rows, seqs, st.win_pos]  # [N, C, Tc, D]
     w = prefix.head_rows(params, config, st.cont_ids).astype(h.dtype)  # [N, C, Tc, D]
     tok = jnp.einsum('nctd,nctd->nct', h, w).astype(jnp.float32)
   else:
-    logp = jax.nn.log_softmax(transformer.lm_head(params, h, config), axis=-1)
-    tok = jnp.take_along_axis(logp, st.cont_ids[..., None], axis=-1)[..., 0]
+    # The LM head once per window position [N, S, U], not once per (choice,
+    # token): mc choices all read the same position.
+    logp = jax.nn.log_softmax(transformer.lm_head(params, hidden, config), axis=-1)
+    tok = logp[rows, seqs, st.win_pos, st.cont_ids]  # [N, C, Tc]
   scores = jnp.sum(tok * st.cont_mask, axis=-1)
   return jnp.where(st.choice_valid, scores, -jnp.inf)
 
