@@ -144,10 +144,19 @@ class MoeBlock(nnx.Module):
       probs = routing.override_last_token(probs, jnp.zeros((b,), jnp.int32), pathway)
     weights, indices = self._top_k(probs)  # [B, U, K]
     k = weights.shape[-1]
-    flat = (h.reshape(b * u, d), weights.reshape(-1, k), indices.reshape(-1, k))
-    out = dispatch.moe_window(*flat, self.experts.weights(), self.config.dispatch)
-    out = out.reshape(b, u, d)
-    if pathway is not None and pathway_mode == 'dense':
+    experts = self.experts.weights()
+
+    def routed(x, w, i):  # [B, V, D], [B, V, K] x 2 -> [B, V, D]
+      v = x.shape[1]
+      flat = (x.reshape(b * v, d), w.reshape(-1, k), i.reshape(-1, k))
+      return dispatch.moe_window(*flat, experts, self.config.dispatch).reshape(b, v, d)
+
+    if pathway is None or pathway_mode != 'dense':
+      out = routed(h, weights, indices)
+    else:  # the pathway token mixes its row; the others (rc continuations) are routed
       dense_row = routing.dense_coefficients(pathway, self.config.norm_topk_prob)  # [B, E]
-      out = out.at[:, 0].set(self.experts.mix(h[:, 0], dense_row))
+      out = self.experts.mix(h[:, 0], dense_row)[:, None]  # [B, 1, D]
+      if u > 1:
+        rest = routed(h[:, 1:], weights[:, 1:], indices[:, 1:])
+        out = jnp.concatenate([out, rest], axis=1)
     return self._add_shared(h, out)
