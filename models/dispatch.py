@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models import fold, ragged
+from models import fold, ragged, routing
 from models.config import DISPATCHES
 
 
@@ -191,8 +191,7 @@ def moe_few(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict) -> 
   n, k = indices.shape
   e = moe['gate'].shape[0]
   if n * k <= e:
-    combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], indices].add(weights)
-    return mix_all_experts(moe, x, combine)
+    return mix_all_experts(moe, x, routing.combine_weights(weights, indices, e))
   return moe_sorted(x, weights, indices, moe)
 
 

@@ -16,6 +16,7 @@ from c3po_jax.neighbours import search as neighbours
 from c3po_jax.remix import batch as batch_lib
 from c3po_jax.remix import losses
 from c3po_jax.remix import pathway as pw_lib
+from c3po_jax.run import pipeline
 from c3po_jax.run.config import RunConfig
 from c3po_jax.run.runner import Runner, load_model
 from c3po_jax.tasks import load_examples, load_references
@@ -49,7 +50,7 @@ def setup(tmp_path_factory):
   base = runner.analyze(test, runner.encode(test), 'test')
   refs = runner.reference_set(pool)
   nbh = neighbours.find(base.embeddings, refs.embeddings, k=3, max_similarity=1.0)
-  kw = premise_descent.kernel_weights(rc, refs, nbh)
+  kw = pipeline.kernel_weights(rc, refs, nbh)
   return runner, base, refs, nbh, kw
 
 

@@ -45,6 +45,7 @@ from c3po_jax.demo import premise_descent
 from c3po_jax.neighbours import search as neighbours
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix import scoring
+from c3po_jax.run import pipeline
 from c3po_jax.run import suite as suite_run
 from c3po_jax.run.config import RunConfig
 from c3po_jax.run.runner import Runner, load_model
@@ -123,7 +124,7 @@ def transfer_gap(b: Benchmark, pool, layers, k: int, max_similarity: float) -> d
   moved = score_with(b.runner, pair_prompts, rows, layers)
   moved_loss = choice_ce(moved, ref_gold[ri])
   moved_wrong = np.argmax(moved, axis=-1) != ref_gold[ri]
-  kw = premise_descent.kernel_weights(b.runner.rc, refs, nbh)
+  kw = pipeline.kernel_weights(b.runner.rc, refs, nbh)
   descent = premise_descent.descent_direction(b.runner, b.base_probs, refs, nbh, kw)
   q = len(b.gold)
   gap = np.full(q, np.nan)

@@ -25,28 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c3po_jax.neighbours import kernels
 from c3po_jax.remix import batch as batch_lib
+from c3po_jax.remix import methods
 from c3po_jax.remix import pathway as pw_lib
-
-
-def kernel_weights(rc, refs, nbh) -> np.ndarray:
-  """[Q, N] the pipeline's kernel weights for these neighbours."""
-  sigma = rc.neighbourhood.sigma
-  if sigma == 'reference':
-    sigma = kernels.reference_bandwidth(
-      refs.embeddings, k=rc.neighbourhood.k, max_similarity=rc.neighbourhood.max_similarity
-    )
-  return kernels.kernel_weights(
-    nbh.similarity, nbh.valid, kind=rc.neighbourhood.kernel, sigma=sigma
-  )
 
 
 def descent_direction(runner, base_probs, refs, nbh, weights) -> dict:
   """{'cosine': [Q], 'hit': [Q]} (NaN where a test sample has no neighbour)."""
   eng, params, bs = runner.engine, runner.params, runner.rc.execution.batch_size
   loss = eng.loss_backend.make_loss(params, runner.config, eng.ec, 'dense')
-  grad = jax.jit(jax.vmap(jax.grad(lambda w, c, d, kw: loss(w, c, d, kw))))
+  grad = jax.jit(jax.vmap(jax.grad(loss)))
+  mean = jax.jit(jax.vmap(methods.kernel_mean))
   ref_prompts = runner.encode(refs.examples)
   top = runner.config.num_experts_per_tok
   q = len(base_probs)
@@ -58,10 +47,7 @@ def descent_direction(runner, base_probs, refs, nbh, weights) -> dict:
     data, w, probs = batch_lib.neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts)
     w0 = jax.vmap(pw_lib.base_weights)(cs)  # [B, C, Kc]
     g = np.asarray(grad(w0, cs, data, w))  # [B, C, Kc]
-    w_nb = np.asarray(eng.neighbour_weights(cs, probs))  # [B, N, C, Kc]
-    kw = np.asarray(w) / np.maximum(np.asarray(w).sum(-1, keepdims=True), 1e-12)  # [B, N]
-    w_hat = np.einsum('bn,bnck->bck', kw, w_nb)
-    w_hat *= np.asarray(cs.mass)[..., None] / np.maximum(w_hat.sum(-1, keepdims=True), 1e-12)
+    w_hat = np.asarray(mean(w, eng.neighbour_weights(cs, probs), cs.mass))  # [B, C, Kc]
     step = -(g - g.mean(-1, keepdims=True))
     way = w_hat - np.asarray(w0)
     num = (step * way).sum((1, 2))

@@ -131,8 +131,7 @@ def ngd(
   if mc.ngd_init == 'kernel_mean':
     if w_neighbours is None:
       raise ValueError("ngd_init='kernel_mean' needs the neighbours' routing (w_neighbours)")
-    wn = weights / jnp.maximum(jnp.sum(weights), 1e-12)  # [N]
-    w_hat = pw_lib.rescale(jnp.einsum('n,nck->ck', wn, w_neighbours), mass)
+    w_hat = kernel_mean(weights, w_neighbours, mass)
     w_hat = jnp.where(jnp.sum(weights) > 0, w_hat, w0)  # no neighbour: the base
     theta0 = w_hat if mc.pathway_param == 'weights' else pw_lib.to_logits(w_hat, mass)
   elif mc.ngd_init != 'base':
@@ -164,6 +163,12 @@ def ngd(
   )
 
 
+def kernel_mean(weights: jax.Array, w_neighbours: jax.Array, mass: jax.Array) -> jax.Array:
+  """Kernel-weighted mean of the neighbours' core weights [N, C, Kc], rescaled to mass [C]."""
+  wn = weights / jnp.maximum(jnp.sum(weights), 1e-12)  # [N]
+  return pw_lib.rescale(jnp.einsum('n,nck->ck', wn, w_neighbours), mass)
+
+
 def kernel_regression(loss_fn: LossFn, cs, data, weights, w0, w_neighbours, mc: MethodConfig):
   """w_hat = kernel-weighted mean of the neighbours' core weights; then alpha.
 
@@ -175,8 +180,7 @@ def kernel_regression(loss_fn: LossFn, cs, data, weights, w0, w_neighbours, mc: 
   exactly the base pathway's loss). Returns (trace, alpha); trace.losses are
   the grid's losses (alpha ascending).
   """
-  wn = weights / jnp.maximum(jnp.sum(weights), 1e-12)
-  w_hat = pw_lib.rescale(jnp.einsum('n,nck->ck', wn, w_neighbours), cs.mass)
+  w_hat = kernel_mean(weights, w_neighbours, cs.mass)
   has_neighbours = jnp.sum(weights) > 0
   if mc.kr_alpha is not None:
     alphas = jnp.asarray([mc.kr_alpha], jnp.float32)

@@ -103,6 +103,19 @@ def run(rc: RunConfig, runner: Runner | None = None) -> dict:
   return summary
 
 
+def kernel_weights(rc: RunConfig, refs, nbh) -> np.ndarray:
+  """[Q, N] the run's kernel weights of each test sample's neighbours (`--kernel`, `--sigma`)."""
+  sigma = rc.neighbourhood.sigma
+  if sigma == 'reference':
+    sigma = kernels.reference_bandwidth(
+      refs.embeddings, k=rc.neighbourhood.k, max_similarity=rc.neighbourhood.max_similarity
+    )
+    logging.info('kernel bandwidth (reference rule): sigma = %.4f', sigma)
+  return kernels.kernel_weights(
+    nbh.similarity, nbh.valid, kind=rc.neighbourhood.kernel, sigma=sigma
+  )
+
+
 def _run_methods(rc, runner: Runner, test, pool, writer):
   prompts = runner.encode(test)
   base = runner.analyze(test, prompts, 'test (base)', role='test')
@@ -119,15 +132,7 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       max_similarity=rc.neighbourhood.max_similarity,
       ball_cap=rc.neighbourhood.ball_cap,
     )
-    sigma = rc.neighbourhood.sigma
-    if sigma == 'reference':
-      sigma = kernels.reference_bandwidth(
-        refs.embeddings, k=rc.neighbourhood.k, max_similarity=rc.neighbourhood.max_similarity
-      )
-      logging.info('kernel bandwidth (reference rule): sigma = %.4f', sigma)
-    weights = kernels.kernel_weights(
-      nbh.similarity, nbh.valid, kind=rc.neighbourhood.kernel, sigma=sigma
-    )
+    weights = kernel_weights(rc, refs, nbh)
     lonely = int((~nbh.valid.any(axis=1)).sum())
     if lonely:
       logging.warning(
