@@ -221,6 +221,27 @@ def test_manifest_pairs_each_test_family_with_its_references(written, small):
   }
 
 
+def test_shared_references_give_every_benchmark_the_whole_pool(written, tmp_path):
+  import shutil
+
+  src, manifest = written
+  out = tmp_path / 'shared'
+  shutil.copytree(src, out)
+  suite.share_references(str(out))
+  shared = suite.read_manifest(str(out))
+  pool = [
+    f for name in sorted(manifest['benchmarks']) for f in manifest['benchmarks'][name]['reference']
+  ]
+  assert len(set(pool)) == len(pool) > len(next(iter(manifest['benchmarks'].values()))['reference'])
+  for name, bench in shared['benchmarks'].items():
+    assert bench['reference'] == pool
+    assert len(bench['reference_sources']) == len(pool)
+    assert bench['own_reference_sources'] == manifest['benchmarks'][name]['reference_sources']
+    assert bench['test'] == manifest['benchmarks'][name]['test']
+  suite.share_references(str(out))  # idempotent: the own sources are not overwritten
+  assert suite.read_manifest(str(out)) == shared
+
+
 @pytest.mark.parametrize('fmt', prompts.FORMATS)
 def test_prompt_matches_benchmark_format(fmt):
   bench_prompts = pytest.importorskip('c3po_jax.tasks.prompts')
@@ -506,3 +527,4 @@ def test_premise_choice_ce_and_summary():
   assert out['gap_mean_base_right'] == 0.1 and out['gap_mean_base_wrong'] == 2.0
   assert out['n_base_wrong'] == 2 and out['accuracy_random_rows'] == 0.0
   assert 'pooled' in premise.format_table({'benchmarks': {'a': out}, 'pooled': out})
+  assert out['neighbours_own_sources'] is None  # no shared pool: not applicable

@@ -88,6 +88,26 @@ def test_descent_direction_matches_full_forward_derivation(setup):
     assert got['hit'][i] == hit
 
 
+def test_neighbour_source_share_of_a_shared_pool(setup):
+  runner, base, refs, nbh, kw = setup
+  b = premise.Benchmark(
+    'arc',
+    runner,
+    runner.encode(load_examples(runner.rc.data.benchmark, limit=5)),
+    np.zeros(5, int),
+    np.asarray(base.scores),
+    np.asarray(base.router_probs),
+    np.asarray(base.embeddings),
+  )
+  pool = refs.examples
+  tasks = {e.task for e in pool}
+  assert tasks == {'openbookqa'}  # the source name, as the suite's reference_sources give it
+  for own, want in ((tasks, 1.0), ({'sciq'}, 0.0)):
+    got = premise.transfer_gap(b, pool, [1], 3, 1.0, own)['own_share']
+    np.testing.assert_array_equal(got, np.full(5, want))
+  assert np.all(np.isnan(premise.transfer_gap(b, pool, [1], 3, 1.0)['own_share']))
+
+
 def test_summary_splits_descent_by_base_outcome():
   correct = np.array([True, False, False])
   nan3 = np.full(3, np.nan)
@@ -101,7 +121,9 @@ def test_summary_splits_descent_by_base_outcome():
     correct,
     np.array([0.5, -0.2, np.nan]),  # cosine; the third sample has no neighbour
     np.array([1.0, 0.0, np.nan]),
+    np.array([1.0, 0.0, 0.5]),  # neighbours from the benchmark's own sources
   )
+  assert out['neighbours_own_sources'] == 0.5
   assert out['descent_cosine_base_right'] == 0.5 and out['descent_cosine_base_wrong'] == -0.2
   assert out['descent_hit_base_wrong'] == 0.0
   table = premise.format_table(

@@ -20,6 +20,10 @@ with the overlap filter):
                  points to the neighbours' routing (`premise_descent`):
                  cosine of the descent step with the way there, and how often
                  the steepest-descent expert is one of the neighbours' top-k.
+  neighbour source  with a shared reference pool (`suite --shared_references`):
+                 the share of neighbours drawn from the test benchmark's own
+                 reference sources, i.e. whether the neighbour search finds
+                 the test sample's family without the pool telling it.
 
   python -m c3po_jax.demo.premise --suite=checkpoints/demo/suite \\
       --checkpoint_dir=checkpoints/demo --split=dev
@@ -109,8 +113,13 @@ def _prepare(rc: RunConfig, suite_dir: str, name: str, entry: dict, split: str, 
   return Benchmark(name, runner, prompts, gold, an.scores, an.router_probs, an.embeddings), pool
 
 
-def transfer_gap(b: Benchmark, pool, layers, k: int, max_similarity: float) -> dict:
-  """Per test sample: neighbours' loss under own vs the test sample's routing."""
+def transfer_gap(
+  b: Benchmark, pool, layers, k: int, max_similarity: float, own_sources=None
+) -> dict:
+  """Per test sample: neighbours' loss under own vs the test sample's routing.
+
+  own_sources: the benchmark's own reference sources (a shared pool), or None.
+  """
   refs = b.runner.reference_set(pool)
   nbh = neighbours.find(b.embeddings, refs.embeddings, k=k, max_similarity=max_similarity)
   ref_prompts = b.runner.encode(refs.examples)
@@ -130,18 +139,23 @@ def transfer_gap(b: Benchmark, pool, layers, k: int, max_similarity: float) -> d
   gap = np.full(q, np.nan)
   wrong_frac = np.full(q, np.nan)
   own_loss = np.full(q, np.nan)
+  own_share = np.full(q, np.nan)
+  is_own = np.asarray([e.task in set(own_sources or ()) for e in refs.examples])
   for i in range(q):
     sel = qi == i
     if sel.any():
       gap[i] = float(np.mean(moved_loss[sel] - own[ri[sel]]))
       own_loss[i] = float(np.mean(own[ri[sel]]))
       wrong_frac[i] = float(np.mean(moved_wrong[sel]))
+      if own_sources is not None:
+        own_share[i] = float(np.mean(is_own[ri[sel]]))
   return {
     'gap': gap,
     'own_loss': own_loss,
     'neighbours_wrong': wrong_frac,
     'descent_cosine': descent['cosine'],
     'descent_hit': descent['hit'],
+    'own_share': own_share,
     'references_kept': len(refs),
     'references_candidates': refs.num_candidates,
   }
@@ -172,11 +186,13 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
     benches.append(b)
     pools.append(pool)
   rng = np.random.default_rng(seed)
-  keys = ('correct', 'gap', 'own', 'nw', 'same', 'rand', 'other', 'cos', 'hit')
+  keys = ('correct', 'gap', 'own', 'nw', 'same', 'rand', 'other', 'cos', 'hit', 'src')
   per, pooled = {}, {key: [] for key in keys}
   for bi, (b, pool) in enumerate(zip(benches, pools)):
     correct = np.argmax(b.base_scores, axis=-1) == b.gold
-    t = transfer_gap(b, pool, layers, rc.neighbourhood.k, rc.neighbourhood.max_similarity)
+    own_sources = manifest['benchmarks'][b.name].get('own_reference_sources')
+    nb = rc.neighbourhood
+    t = transfer_gap(b, pool, layers, nb.k, nb.max_similarity, own_sources)
     q = len(b.gold)
     same = np.argmax(score_with(b.runner, b.prompts, b.base_probs, layers), -1) == b.gold
     random_rows = b.base_probs.copy()
@@ -192,7 +208,7 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
     else:
       other = np.full(q, np.nan)
     values = (correct, t['gap'], t['own_loss'], t['neighbours_wrong'], same, rand, other)
-    values += (t['descent_cosine'], t['descent_hit'])
+    values += (t['descent_cosine'], t['descent_hit'], t['own_share'])
     per[b.name] = summarize(*values)
     per[b.name]['references_kept'] = t['references_kept']
     per[b.name]['references_candidates'] = t['references_candidates']
@@ -215,8 +231,11 @@ def diagnose(rc: RunConfig, suite_dir: str, split: str = 'dev', seed: int = 0) -
   return out
 
 
-def summarize(correct, gap, own, neighbours_wrong, same, rand, other, cosine, hit) -> dict:
+def summarize(
+  correct, gap, own, neighbours_wrong, same, rand, other, cosine, hit, own_share=None
+) -> dict:
   right, wrong = correct.astype(bool), ~correct.astype(bool)
+  own_share = np.full(len(correct), np.nan) if own_share is None else own_share
   return {
     'n': int(len(correct)),
     'base_accuracy': _mean(correct),
@@ -234,6 +253,7 @@ def summarize(correct, gap, own, neighbours_wrong, same, rand, other, cosine, hi
     'descent_cosine_base_right': _mean(cosine[right]),
     'descent_cosine_base_wrong': _mean(cosine[wrong]),
     'descent_hit_base_wrong': _mean(hit[wrong]),
+    'neighbours_own_sources': _mean(own_share),
   }
 
 
@@ -251,6 +271,7 @@ COLUMNS = (
   ('cos|right', 'descent_cosine_base_right', '{:+.3f}'),
   ('cos|wrong', 'descent_cosine_base_wrong', '{:+.3f}'),
   ('hit|wrong', 'descent_hit_base_wrong', '{:.3f}'),
+  ('nbr-own', 'neighbours_own_sources', '{:.3f}'),
 )
 
 
@@ -272,7 +293,8 @@ def format_table(result: dict) -> str:
     "last-token routing replaced by X; cos: cosine of NGD's first descent step from the base "
     "(dense mode) with the way to the neighbours' mean routing; hit: share of critical layers "
     "whose steepest-descent expert is one of that routing's top-k (chance: "
-    f'{result.get("descent_hit_chance", float("nan")):.3f}).'
+    f'{result.get("descent_hit_chance", float("nan")):.3f}); nbr-own: share of neighbours from '
+    "the benchmark's own reference sources (a shared pool only)."
   )
   return '\n'.join(lines)
 

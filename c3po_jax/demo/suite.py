@@ -322,6 +322,27 @@ def copy_settings(source_dir: str, output_dir: str) -> None:
   write_manifest(output_dir, out)
 
 
+def share_references(suite_dir: str) -> None:
+  """Gives every benchmark of a suite the same reference pool: all benchmarks' references.
+
+  The default pairing gives each family its own references (as the paper
+  pairs each benchmark with related reference sets), so the pool alone tells
+  a method which family a test question belongs to; with a shared pool the
+  neighbour search has to find it. Each benchmark's own sources are kept
+  under `own_reference_sources`.
+  """
+  out = read_manifest(suite_dir)
+  benchmarks = out['benchmarks']
+  pool = {}  # file -> source, in benchmark order (a second call changes nothing)
+  for name in sorted(benchmarks):
+    pool.update(zip(benchmarks[name]['reference'], benchmarks[name]['reference_sources']))
+  files_, sources = list(pool), list(pool.values())
+  for b in benchmarks.values():
+    b.setdefault('own_reference_sources', list(b['reference_sources']))
+    b['reference'], b['reference_sources'] = list(files_), list(sources)
+  write_manifest(suite_dir, out)
+
+
 def main(
   argv,
   *,
@@ -331,12 +352,16 @@ def main(
   output_dir: str,
   include_train: bool,
   settings_from: str | None,
+  shared_references: bool = False,
 ):
   del argv
   suite = build_suite(SuiteConfig(seed=seed, world=world, draw_seed=draw_seed))
   out = write_suite(suite, output_dir, include_train=include_train)
   if settings_from:
     copy_settings(settings_from, output_dir)
+  if shared_references:
+    share_references(output_dir)
+    out = read_manifest(output_dir)
   for name, info in sorted(out['files'].items()):
     logging.info('%s: %d rows%s', name, info['rows'], '' if info['written'] else ' (not written)')
 
@@ -351,6 +376,12 @@ if __name__ == '__main__':
   _settings_from = flags.DEFINE_string(
     'settings_from', None, 'Copy the C3PO settings chosen on dev from this suite directory.'
   )
+  _shared = flags.DEFINE_bool(
+    'shared_references',
+    False,
+    "Every benchmark's reference pool is all benchmarks' references (pass "
+    '--max_reference_samples=<benchmarks x per-benchmark count> to runs on it).',
+  )
   app.run(
     lambda argv: main(
       argv,
@@ -360,5 +391,6 @@ if __name__ == '__main__':
       output_dir=_output_dir.value,
       include_train=_include_train.value,
       settings_from=_settings_from.value,
+      shared_references=_shared.value,
     )
   )
