@@ -42,7 +42,7 @@ DEMO_DEFAULTS = {  # per demo suite: its model and a size that runs in minutes o
   suite: {
     'checkpoint_dir': suite.rsplit('/', 1)[0],
     'max_test_samples': 100,
-    'max_reference_samples': 400,
+    'max_reference_samples': None,  # every reference of the suite (600 / 400 per family)
     'batch_size': 25,
   }
   for suite in DEMO_SUITE.values()

@@ -6,11 +6,14 @@ the kernel-weighted neighbour loss, in dense and in top-k mode, at four
 pathways (the base routing, kernel regression's result, the family's expert
 pair 2f, 2f+1 with the core mass split evenly, NGD's result at the given
 settings), and how often each pathway's top-2 in a critical layer is the
-family's pair. Why NGD from the base routing does not help in this world:
-its descent ends in dense mixtures of other experts with a higher neighbour
-loss than the kernel-regression point, never on the family's pair.
+family's pair. On the plain-reference suite (`python -m c3po_jax.demo.suite
+--seed=0 --output_dir=DIR --include_train=false --test_phrasing_references=false
+--settings_from=checkpoints/demo/suite`) it showed why NGD from the base
+routing did not help there: its descent ended in dense mixtures of other
+experts with a higher neighbour loss than the kernel-regression point, never
+on the family's pair (README, "Why the references include the test phrasing").
 
-  python scripts/remix_ngd_basin.py --n=25 --lr=0.1 --ngd_init=base
+  python scripts/remix_ngd_basin.py --suite=DIR --n=25 --lr=0.1 --ngd_init=base
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def main(argv):
     ngd_init=_INIT.value,
     opt_pathway_mode=_MODE.value,
     batch_size=_N.value,
-    max_reference_samples=400,
+    max_reference_samples=None,  # every reference of the family
   )
   config, params, tok = load_model(rc0)
   for f, fam in enumerate(FAMILIES):

@@ -476,6 +476,36 @@ def test_remix_splits_do_not_leak_and_draws_differ(remix_suite):
     ]
 
 
+def test_remix_references_include_the_test_phrasing_on_other_problems(remix_suite, small):
+  def pair(q):
+    return frozenset(_ints(q))
+
+  for family in remix_suite.families:
+    refs = remix_suite.records[family.test_source, 'reference']
+    assert len(refs) == REMIX.num_reference
+    assert {r['task'] for r in refs} == {family.test_source}
+    # The test template, on problems that are never a dev or test problem.
+    template = family.templates[family.test_source].split('{')[0]
+    assert all(r['question'].startswith(template) for r in refs)
+    held = {
+      pair(r['question'])
+      for split in ('dev', 'test')
+      for r in remix_suite.records[family.test_source, split]
+    }
+    assert not held & {pair(r['question']) for r in refs}
+  out = suite.manifest(remix_suite)
+  for family in remix_suite.families:
+    bench = out['benchmarks'][family.name]
+    assert bench['reference_sources'] == [*family.reference_sources, family.test_source]
+    assert bench['reference'][-1] == f'{family.test_source}_reference.jsonl'
+  # The control world keeps its two reference sources; the option turns it off.
+  assert all((f.test_source, 'reference') not in small.records for f in small.families)
+  off = suite.build_suite(dataclasses.replace(REMIX, test_phrasing_references=False))
+  assert all((f.test_source, 'reference') not in off.records for f in off.families)
+  for key, rows in off.records.items():  # nothing else changes
+    assert remix_suite.records[key] == rows
+
+
 def test_route_loss_and_document_routes(remix_suite):
   import jax.numpy as jnp
 

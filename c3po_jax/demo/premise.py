@@ -337,7 +337,9 @@ if __name__ == '__main__':
   flags.DEFINE_string('split', 'dev', 'Suite split of the test samples.')
   flags.DEFINE_string('output', 'runs/premise/premise.json', 'JSON written here.')
   flags.DEFINE_integer('max_test_samples', 100, 'Test samples per benchmark.')
-  flags.DEFINE_integer('max_reference_samples', 400, 'Reference candidates per benchmark.')
+  flags.DEFINE_integer(
+    'max_reference_samples', None, 'Reference candidates per benchmark (default: all).'
+  )
   flags.DEFINE_integer('batch_size', 25, 'Prompts per jitted batch.')
   flags.DEFINE_integer('k', None, 'Neighbours (default: the suite settings, else 3).')
   flags.DEFINE_float('max_similarity', None, 'Overlap filter (default: the suite settings).')

@@ -10,7 +10,10 @@ reference sources. Splits, per family:
               `draw_seed`: a fresh draw seed gives a fresh dev/test set for
               the same trained model, with no training or reference leak.
   reference   reference-source questions on the other problems: the labelled
-              pool C3PO draws its successful neighbours from.
+              pool C3PO draws its successful neighbours from. In the remix
+              world also questions in the test phrasing on those problems
+              (`test_phrasing_references`): references that resemble the
+              test question, as the paper's do.
   train       the language-model training data. Reference sources dominate;
               the test source is rare (`test_train_fraction` of the family)
               and never asks a held-out problem. The knowledge the test
@@ -66,6 +69,11 @@ EVAL_SPLITS = ('reference', 'dev', 'test')
 # the earlier demo, kept as a negative control: its neighbours are answered
 # confidently under any test routing).
 WORLDS = {'remix': remix_world.make_families, 'control': families_lib.make_families}
+# Whether a world's references include its test phrasing (other problems). In
+# the remix world they do: with its plain phrasings alone, every neighbour is
+# answered at near-zero loss once routed to the family's experts, so the
+# neighbour loss cannot say more than "this family" (README, the remix world).
+TEST_PHRASING_REFERENCES = {'remix': True, 'control': False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +92,9 @@ class SuiteConfig:
   held_out_fraction: float = 0.5  # problems never asked in the test phrasing in train
   statement_repeats: int = 10  # copies of the fact-table statements
   num_drill: int = 30000  # mc-format drill questions (train only; mc format only)
+  # Also a reference split in the test phrasing (other problems than dev/test,
+  # none held out). None: the world's default (TEST_PHRASING_REFERENCES).
+  test_phrasing_references: bool | None = None
 
   def __post_init__(self):
     if self.fmt not in prompts.FORMATS:
@@ -94,6 +105,18 @@ class SuiteConfig:
   @property
   def draw(self) -> int:
     return self.seed if self.draw_seed is None else self.draw_seed
+
+  @property
+  def phrasing_references(self) -> bool:
+    if self.test_phrasing_references is None:
+      return TEST_PHRASING_REFERENCES[self.world]
+    return self.test_phrasing_references
+
+
+def reference_sources(family: families_lib.Family, config: SuiteConfig) -> tuple[str, ...]:
+  """The family's reference sources in this suite: its own, and its test phrasing if asked."""
+  extra = (family.test_source,) if config.phrasing_references else ()
+  return (*family.reference_sources, *extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +204,11 @@ def _family_records(family, config: SuiteConfig) -> dict[tuple[str, str], list[d
   out[test_src, 'train'] = _records(
     family, test_src, 'train', _sample(rng, pool, num_test_train), rng
   )
+  if config.phrasing_references:  # from the pool: never a dev/test problem
+    rng = stream(seed, test_src, 'reference')
+    out[test_src, 'reference'] = _records(
+      family, test_src, 'reference', _sample(rng, pool, config.num_reference), rng
+    )
   return out
 
 
@@ -256,8 +284,8 @@ def manifest(suite: Suite) -> dict:
       'test_source': f.test_source,
       'dev': file_name(f.test_source, 'dev'),
       'test': file_name(f.test_source, 'test'),
-      'reference_sources': list(f.reference_sources),
-      'reference': [file_name(s, 'reference') for s in f.reference_sources],
+      'reference_sources': list(reference_sources(f, suite.config)),
+      'reference': [file_name(s, 'reference') for s in reference_sources(f, suite.config)],
     }
   return {
     'format': FORMAT,
@@ -353,9 +381,13 @@ def main(
   include_train: bool,
   settings_from: str | None,
   shared_references: bool = False,
+  test_phrasing_references: bool | None = None,
 ):
   del argv
-  suite = build_suite(SuiteConfig(seed=seed, world=world, draw_seed=draw_seed))
+  config = SuiteConfig(
+    seed=seed, world=world, draw_seed=draw_seed, test_phrasing_references=test_phrasing_references
+  )
+  suite = build_suite(config)
   out = write_suite(suite, output_dir, include_train=include_train)
   if settings_from:
     copy_settings(settings_from, output_dir)
@@ -382,6 +414,11 @@ if __name__ == '__main__':
     "Every benchmark's reference pool is all benchmarks' references (pass "
     '--max_reference_samples=<benchmarks x per-benchmark count> to runs on it).',
   )
+  _phrasing = flags.DEFINE_bool(
+    'test_phrasing_references',
+    None,
+    "References also in the test phrasing (default: the world's, on for remix).",
+  )
   app.run(
     lambda argv: main(
       argv,
@@ -392,5 +429,6 @@ if __name__ == '__main__':
       include_train=_include_train.value,
       settings_from=_settings_from.value,
       shared_references=_shared.value,
+      test_phrasing_references=_phrasing.value,
     )
   )

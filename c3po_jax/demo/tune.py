@@ -115,7 +115,9 @@ if __name__ == '__main__':
   flags.DEFINE_list('sigmas', ['median'], 'Kernel bandwidth rules to try.')
   flags.DEFINE_list('ngd_steps', ['10'], 'NGD step counts to try.')
   flags.DEFINE_integer('max_dev_samples', 100, 'Dev samples per benchmark.')
-  flags.DEFINE_integer('max_reference_samples', 400, 'Reference candidates per benchmark.')
+  flags.DEFINE_integer(
+    'max_reference_samples', None, 'Reference candidates per benchmark (default: all).'
+  )
   flags.DEFINE_integer('batch_size', 25, 'Test samples per jitted batch.')
   flags.DEFINE_string('critical_layers', 'last:5', 'Critical layers (fixed).')
   flags.DEFINE_string('cache_dir', '~/.cache/c3po_jax', 'Reference-set cache directory.')
