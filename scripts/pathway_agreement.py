@@ -18,11 +18,12 @@ from __future__ import annotations
 import collections
 import glob
 import itertools
-import json
 import os
 
 import numpy as np
 from absl import app, flags
+
+from c3po_jax.run import results
 
 _RUN_DIR = flags.DEFINE_string('run_dir', 'runs/c3po', 'A run directory (per-benchmark subdirs).')
 _GROUPS = flags.DEFINE_list('groups', [], 'Families in training order (demo routing groups).')
@@ -60,8 +61,7 @@ def main(argv):
   pooled = collections.Counter()
   for path in sorted(glob.glob(os.path.join(_RUN_DIR.value, '*', 'results.jsonl'))):
     name = os.path.basename(os.path.dirname(path))
-    with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = results.read_rows(path)
     group = None
     if name in groups:
       f_idx = groups.index(name)

@@ -140,7 +140,8 @@ def transfer_gap(
   wrong_frac = np.full(q, np.nan)
   own_loss = np.full(q, np.nan)
   own_share = np.full(q, np.nan)
-  is_own = np.asarray([e.task in set(own_sources or ()) for e in refs.examples])
+  own_set = set(own_sources or ())
+  is_own = np.asarray([e.task in own_set for e in refs.examples])
   for i in range(q):
     sel = qi == i
     if sel.any():

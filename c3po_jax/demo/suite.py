@@ -58,7 +58,7 @@ from c3po_jax.demo import remix_world
 from c3po_jax.demo.manifest import (  # the manifest's I/O, also used as suite.X
   FORMAT,
   copy_settings,
-  read_manifest,
+  read_manifest,  # noqa: F401 (suite.read_manifest is the public name)
   share_references,
   write_manifest,
 )
@@ -350,9 +350,8 @@ def main(
   out = write_suite(suite, output_dir, include_train=include_train)
   if settings_from:
     copy_settings(settings_from, output_dir)
-  if shared_references:
+  if shared_references:  # the pool changes; the files written do not
     share_references(output_dir)
-    out = read_manifest(output_dir)
   for name, info in sorted(out['files'].items()):
     logging.info('%s: %d rows%s', name, info['rows'], '' if info['written'] else ' (not written)')
 
