@@ -14,10 +14,8 @@ from c3po_jax.common import cli, errors
 from c3po_jax.run import checks, pipeline
 from c3po_jax.run import config as run_config
 from c3po_jax.run import suite as suite_run
-from c3po_jax.run.config import METHODS, RunConfig
+from c3po_jax.run.config import METHODS
 from c3po_jax.tasks import registry
-
-DEMO_DIR = 'checkpoints/demo'
 
 F = flags.FLAGS
 run_config.define_flags(F)  # one flag per RunConfig setting, defaults from its fields
@@ -36,28 +34,6 @@ flags.DEFINE_enum(
   'Embedded demo world run when neither --benchmark nor --suite is given: remix (the router '
   'carries the skill) or control (the earlier world, where it does not: a negative control).',
 )
-# The embedded demo suite, run when neither --benchmark nor --suite is given.
-DEMO_SUITE = {'remix': f'{DEMO_DIR}/suite', 'control': 'checkpoints/demo_control/suite'}
-DEMO_DEFAULTS = {  # per demo suite: its model and a size that runs in minutes on 2 CPU cores
-  suite: {
-    'checkpoint_dir': suite.rsplit('/', 1)[0],
-    'max_test_samples': 100,
-    'max_reference_samples': None,  # every reference of the suite (600 / 400 per family)
-    'batch_size': 25,
-  }
-  for suite in DEMO_SUITE.values()
-}
-
-
-def apply_suite_settings(rc: RunConfig, suite_dir: str) -> RunConfig:
-  """The suite's own settings (format, settings chosen on dev; for the embedded
-  demo also its default size) for every field whose flag was not given."""
-  settings = suite_run.suite_settings(suite_run.read_suite(suite_dir))
-  if suite_dir in DEMO_DEFAULTS:
-    # The embedded demo's default size: finishes in minutes on 2 CPU cores.
-    settings = {**DEMO_DEFAULTS[suite_dir], **settings}
-  given = run_config.given_flags(F)
-  return rc.replace(**{k: v for k, v in settings.items() if k not in given})
 
 
 def main(argv):
@@ -65,13 +41,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   started = time.time()
-  suite = F.suite or (DEMO_SUITE[F.demo] if not F.benchmark else None)
+  suite = F.suite or (suite_run.demo_suite(F.demo) if not F.benchmark else None)
   with errors.usage_errors():  # flag values: refused before anything loads
     # A suite names each benchmark and its references itself.
     named = {'benchmark': '(suite)', 'reference': ('(suite)',)} if suite else {}
     rc = run_config.from_flags(F, **named)
     if suite:
-      rc = apply_suite_settings(rc, suite)
+      rc = suite_run.with_suite_settings(rc, suite, run_config.given_flags(F))
       checks.check_suite(suite, suite_run.read_suite(suite), F.suite_split)
   logging.info('run config: %s', rc)
   if suite:

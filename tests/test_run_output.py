@@ -57,8 +57,8 @@ def test_console_and_rerun(ckpt, tmp_path):
   again = _main(*flags)
   assert again.returncode == 2
   assert again.stderr.strip().splitlines()[-1] == (
-    f'error: {out} already has results: pass --resume to continue that run, --overwrite to '
-    'replace it, or choose another --output_dir'
+    f'error: --output_dir={out} already has results: pass --resume to continue that run, '
+    '--overwrite to replace it, or choose another --output_dir'
   )
   assert 'model: MoeConfig' not in again.stderr  # refused before the model loaded
   assert _main(*flags, '--overwrite').returncode == 0

@@ -42,8 +42,17 @@ def _exit(message: str, code: int) -> None:
   sys.exit(code)
 
 
+# Help requests: the text above the flags and the main module's flags (--helpfull: every
+# flag), on stdout, exit code 0. absl itself knows only --help and exits with 1.
+HELP = ('-h', '-help', '--help', '--helpshort', '-?')
+HELP_FULL = ('--helpfull', '-helpfull')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """app.run's flags_parser: a bad flag is one line and exit code 2."""
+  """app.run's flags_parser: a bad flag is one line and exit code 2; -h/--help exit 0."""
+  options = argv[1 : argv.index('--')] if '--' in argv else argv[1:]
+  if any(a in HELP + HELP_FULL for a in options):
+    app.usage(shorthelp=not any(a in HELP_FULL for a in options), writeto_stdout=True, exitcode=0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

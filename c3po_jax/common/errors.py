@@ -37,13 +37,11 @@ class UsageError(ValueError):
 def usage_errors():
   """Marks errors raised inside as usage errors (exit_code 2), keeping their type.
 
-  For checks of what the command line names (benchmarks, files, flag values)
-  that run before the model loads. A malformed row inside a data file
-  (TaskDataError) stays an ordinary error.
+  For checks of what the command line names (benchmarks, data files and their
+  rows, the checkpoint, flag values) that run before the model loads.
   """
   try:
     yield
   except (ValueError, OSError, RuntimeError) as e:
-    if not isinstance(e, TaskDataError):
-      e.exit_code = 2
+    e.exit_code = 2
     raise

@@ -1,6 +1,12 @@
 """Running C3PO from Python, without the command line.
 
   import c3po_jax
+  # Every benchmark of a suite, as `python -m c3po_jax.main --suite=DIR` runs them: the
+  # suite's own settings (suite.json) apply wherever none is given here.
+  suite = c3po_jax.run_suite('checkpoints/demo/suite', methods=('base', 'ngd'))
+  suite.pooled['ngd']['accuracy'], suite.benchmarks['max'].predictions('ngd')
+
+  # One benchmark, every setting given:
   rc = c3po_jax.RunConfig.make(
       checkpoint_dir='checkpoints/olmoe-1b-7b-0924',
       benchmark='arc_challenge',
@@ -55,10 +61,61 @@ class RunResult:
     return self._by_id(method, 'pathway')
 
 
+def _result(summary: dict, output_dir: str) -> RunResult:
+  rows = results.read_rows(os.path.join(output_dir, results.RESULTS_FILE))
+  return RunResult(summary=summary, rows=rows, output_dir=output_dir)
+
+
 def run(config: RunConfig) -> RunResult:
   """Runs C3PO as configured; see the module docstring."""
   from c3po_jax.run import pipeline  # the model stack loads only when a run starts
 
-  summary = pipeline.run(config)
-  rows = results.read_rows(os.path.join(config.execution.output_dir, results.RESULTS_FILE))
-  return RunResult(summary=summary, rows=rows, output_dir=config.execution.output_dir)
+  return _result(pipeline.run(config), config.execution.output_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteResult:
+  """The outcome of a suite run.
+
+  benchmarks: per benchmark of the suite, its RunResult (in output_dir/NAME).
+  pooled: per method, over every sample of the suite (as summary.json's "pooled").
+  config: the RunConfig the suite ran with (the suite's settings applied).
+  output_dir: where the files are.
+  """
+
+  benchmarks: dict[str, RunResult]
+  pooled: dict
+  config: RunConfig
+  output_dir: str
+
+
+def run_suite(suite: str, *, split: str = 'test', **settings) -> SuiteResult:
+  """Runs every benchmark of a suite, as `python -m c3po_jax.main --suite=SUITE` does.
+
+  suite: a suite directory (holding suite.json; `demo_suite()` is the embedded
+    demo's) or a built-in suite's name ('table1').
+  split: the suite split to evaluate ('test', or 'dev' for choosing settings).
+  settings: RunConfig fields by flat name (as `RunConfig.make`). The suite's own
+    settings (its prompt format and the settings chosen on dev; for the embedded
+    demo also its model and size) apply to every field not given here, as they
+    do to every flag not given on the command line.
+  """
+  from c3po_jax.run import checks
+  from c3po_jax.run import suite as suite_run
+
+  named = {'benchmark': '(suite)', 'reference': ('(suite)',)}  # the suite names them
+  rc = suite_run.with_suite_settings(RunConfig.make(**named, **settings), suite, settings)
+  checks.check_suite(suite, suite_run.read_suite(suite), split)
+  out = suite_run.run_suite(rc, suite, split)
+  root = rc.execution.output_dir
+  benchmarks = {
+    name: _result(summary, os.path.join(root, name)) for name, summary in out['benchmarks'].items()
+  }
+  return SuiteResult(benchmarks=benchmarks, pooled=out['pooled'], config=rc, output_dir=root)
+
+
+def demo_suite(world: str = 'remix') -> str:
+  """The embedded demo's suite directory (world 'remix', or 'control')."""
+  from c3po_jax.run import suite as suite_run
+
+  return suite_run.demo_suite(world)

@@ -78,23 +78,29 @@ def config_mismatch(stored: dict, rc) -> list[str]:
   return out
 
 
+def check_existing(rc) -> None:
+  """Raises unless rc may write into its output directory (see the module docstring)."""
+  out = rc.execution.output_dir
+  if not (os.path.isdir(out) and _has_results(out)) or rc.execution.overwrite:
+    return
+  if not rc.execution.resume:
+    raise results.ResultsExistError(
+      f'--output_dir={out} already has results: pass --resume to continue that run, '
+      '--overwrite to replace it, or choose another --output_dir'
+    )
+  _check_resume(rc)
+
+
 def prepare(rc) -> None:
   """Checks the output directory against rc and stores rc (see the module docstring)."""
   out = rc.execution.output_dir
-  if os.path.isdir(out) and _has_results(out):
-    if rc.execution.overwrite:
-      if jax.process_index() == 0:
-        gone = results.remove_results(out)
-        logging.warning(
-          '--overwrite: removed %d result files of the earlier run in %s', len(gone), out
-        )
-    elif not rc.execution.resume:
-      raise results.ResultsExistError(
-        f'{out} already has results: pass --resume to continue that run, --overwrite to '
-        'replace it, or choose another --output_dir'
+  check_existing(rc)
+  if os.path.isdir(out) and _has_results(out) and rc.execution.overwrite:
+    if jax.process_index() == 0:
+      gone = results.remove_results(out)
+      logging.warning(
+        '--overwrite: removed %d result files of the earlier run in %s', len(gone), out
       )
-    else:
-      _check_resume(rc)
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, RUN_CONFIG_FILE)

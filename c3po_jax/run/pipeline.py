@@ -18,12 +18,12 @@ from c3po_jax.neighbours import kernels, references
 from c3po_jax.neighbours import search as neighbours
 from c3po_jax.remix import batch, diagnostics
 from c3po_jax.remix.scoring import pad_to, predictions
-from c3po_jax.run import compile_clock, plots, results
+from c3po_jax.run import compile_clock, plots, preflight, results
 from c3po_jax.run import mesh as mesh_lib
 from c3po_jax.run import output as run_output
 from c3po_jax.run.config import RunConfig
 from c3po_jax.run.runner import Runner
-from c3po_jax.tasks import format_example, load_examples, load_references
+from c3po_jax.tasks import format_example
 from c3po_jax.tasks.loading import resolve_test_split
 
 
@@ -41,25 +41,26 @@ def open_runner(rc: RunConfig) -> Runner:
   return Runner.open(rc, mesh)
 
 
-def run(rc: RunConfig, runner: Runner | None = None) -> dict:
+def run(
+  rc: RunConfig, runner: Runner | None = None, inputs: preflight.Inputs | None = None
+) -> dict:
   """Runs every method in rc.methods; writes results, summary and plots.
 
-  What needs no model (data files, benchmark names, the output directory)
-  is checked first, so a mistake there fails in seconds, as a usage error.
+  What needs no weights (data files and rows, benchmark names, the checkpoint's
+  config against the critical layers, the output directory) is checked first
+  (`preflight`), so a mistake there fails in seconds, as a usage error.
   runner: an open runner to reuse (a suite's benchmarks share one: same
   model, engine and settings; see `suite`); by default one is opened.
+  inputs: rc's data as `preflight.inputs` loaded and checked it (a suite checks
+  every benchmark before the first runs); by default loaded here.
   """
   started = time.time()
   start_processes(rc)
   d = rc.data
   with errors.usage_errors():
-    test = load_examples(d.benchmark, split=d.split, source=d.source, limit=d.max_test_samples)
-    if not test:
-      raise ValueError(f'no test samples in {d.benchmark!r}')
-    pool, ref_sources = [], []
-    if d.reference:
-      pool, ref_sources = load_references(d.reference, d.reference_split, d.max_reference_samples)
+    inputs = inputs or preflight.inputs(rc)
     run_output.prepare(rc)
+  test, pool, ref_sources = inputs.test, inputs.pool, inputs.ref_sources
   runner = runner or open_runner(rc)
   run_output.check_checkpoint(rc, references.params_fingerprint(runner.params))
   all_test, test = test, mesh_lib.process_share(test)  # this process's samples
@@ -118,6 +119,15 @@ def kernel_weights(rc: RunConfig, refs, nbh) -> np.ndarray:
 
 def _run_methods(rc, runner: Runner, test, pool, writer):
   prompts = runner.encode(test)
+  long = sum(p.truncated for p in prompts)
+  if long:
+    logging.warning(
+      '%d of %d test prompts are longer than --max_len=%d tokens: the model sees their end '
+      '(left-truncated; their rows carry a warning)',
+      long,
+      len(prompts),
+      rc.model.max_len,
+    )
   base = runner.analyze(test, prompts, 'test (base)', role='test')
   base_pred, _ = predictions(base.scores, base.cont_chars)
   gold = np.asarray([e.gold for e in test])
@@ -159,9 +169,7 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       'correct_norm': bool(norm == gold[i]),
       'base_prediction': int(base_pred[i]),
       'seconds': float(seconds),
-      'question': test[i].context,
       'choices': list(test[i].choices),
-      'prompt': prompt_text[i],  # the formatted prompt (rc: the first choice's context)
       # The per-choice scores the prediction was taken from (rc: summed
       # continuation log-likelihoods; mc: the answer letters' log-probabilities).
       'choice_scores': [round(float(x), 5) for x in scores[: len(test[i].choices)]],
@@ -172,6 +180,13 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
         for j, s, w, v in zip(nbh.index[i], nbh.similarity[i], weights[i], nbh.valid[i])
         if v
       ]
+    if test[i].id not in writer.samples:  # the texts once per sample: its first row
+      r['question'] = test[i].context
+      r['prompt'] = prompt_text[i]  # the formatted prompt (rc: the first choice's context)
+    if prompts[i].truncated:
+      r['warning'] = f'prompt longer than --max_len={rc.model.max_len} tokens: left-truncated'
+      if 'prompt' in r:  # what the model saw
+        r['prompt'] = runner.tokenizer.decode(prompts[i].context[-rc.model.max_len :])
     r.update(extra)
     return r
 

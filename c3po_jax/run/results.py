@@ -54,6 +54,7 @@ class ResultsWriter:
     os.makedirs(output_dir, exist_ok=True)
     self.path = os.path.join(output_dir, filename)
     self.done: set[tuple[str, str]] = set()
+    self.samples: set[str] = set()  # ids with a row: their question and prompt are written
     if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
       if not resume:
         raise ResultsExistError(
@@ -63,6 +64,7 @@ class ResultsWriter:
       self._repair()
       for row in read_rows(self.path):
         self.done.add((row['method'], row['id']))
+        self.samples.add(row['id'])
     self._file = open(self.path, 'a', encoding='utf-8')
 
   def _repair(self):
@@ -80,6 +82,7 @@ class ResultsWriter:
     self._file.flush()
     os.fsync(self._file.fileno())
     self.done.add(key)
+    self.samples.add(row['id'])
 
   def close(self):
     self._file.close()
@@ -332,7 +335,7 @@ def merge_rows(
   return [seen[key] for key in sorted(seen, key=rank)]
 
 
-def _parse_lines(data: bytes, source: str) -> list[dict]:
+def parse_rows(data: bytes, source: str) -> list[dict]:
   """JSON lines; a torn last line (no newline: a crash mid-write) is dropped.
 
   A line that is not a result row raises ResultsFileError naming `source`
@@ -378,13 +381,13 @@ def collect_rows(
   with open(writer_path, 'rb') as f:
     mine = f.read()
   parts = [
-    _parse_lines(b, f'results of process {i} ({writer_path} there)')
+    parse_rows(b, f'results of process {i} ({writer_path} there)')
     for i, b in enumerate(_gather_bytes(mine))
   ]
   merged_path = os.path.join(output_dir, RESULTS_FILE)
   if jax.process_index() == 0 and os.path.exists(merged_path):
     with open(merged_path, 'rb') as f:
-      parts.insert(0, _parse_lines(f.read(), merged_path))
+      parts.insert(0, parse_rows(f.read(), merged_path))
   rows = merge_rows(parts, methods, ids)
   if jax.process_index() == 0:
     write_rows(merged_path, rows)

@@ -20,7 +20,6 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from c3po_jax.ckpts import hub
 from c3po_jax.ckpts.checkpoint import load_checkpoint
 from c3po_jax.ckpts.hf_snapshot import read_config
 from c3po_jax.neighbours import embedding, references
@@ -29,25 +28,17 @@ from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.remix.scoring import ChoiceBatch, make_batch, pad_to, predictions
 from c3po_jax.remix.state_cache import StateCache
 from c3po_jax.run import mesh as mesh_lib
+from c3po_jax.run import preflight
 from c3po_jax.run.config import RunConfig
+from c3po_jax.run.preflight import MissingCheckpointError  # noqa: F401 - raised by load_model
 from c3po_jax.tasks import Example, encoding
 from c3po_jax.tasks.encoding import EncodedPrompt
 from c3po_jax.tasks.tokenizer import load_tokenizer
 
 
-class MissingCheckpointError(FileNotFoundError):
-  pass
-
-
 def load_model(rc: RunConfig, mesh=None):
   """(model config, params, tokenizer) of rc's checkpoint."""
-  path = hub.checkpoint_path(rc.model.checkpoint_dir, rc.execution.cache_dir, rc.model.dtype)
-  if not os.path.isdir(path):
-    raise MissingCheckpointError(
-      f'no checkpoint at {path!r}. Convert a Hugging Face OLMoE snapshot first:\n'
-      f'  python -m c3po_jax.ckpts.convert --hf_dir=PATH/TO/OLMoE-1B-7B-0924 --output_dir={path}\n'
-      '(or pass --checkpoint_dir=PATH to a local HF snapshot directory, converted in memory)'
-    )
+  path = preflight.checkpoint_dir(rc)
   shardings = None
   if mesh is not None:  # Orbax restores each leaf straight into its sharding
     shardings = mesh_lib.param_shardings(read_config(path), mesh)
@@ -161,9 +152,9 @@ class Runner:
 
   # ---- passes over many prompts ----
   def encode(self, examples, fewshot=None) -> list[EncodedPrompt]:
-    fmt = self.rc.data.fmt
+    fmt, max_len = self.rc.data.fmt, self.rc.model.max_len
     return [
-      encoding.encode(self.tokenizer, e, fmt, fewshot[i] if fewshot else ())
+      encoding.encode(self.tokenizer, e, fmt, fewshot[i] if fewshot else (), max_len=max_len)
       for i, e in enumerate(examples)
     ]
 

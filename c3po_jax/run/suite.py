@@ -22,12 +22,50 @@ import time
 
 import jax
 
-from c3po_jax.common import files
+from c3po_jax.common import errors, files
 from c3po_jax.remix import diagnostics
 from c3po_jax.run import output as run_output
-from c3po_jax.run import paper_table, pipeline, plots, results
+from c3po_jax.run import paper_table, pipeline, plots, preflight, results
 from c3po_jax.run.config import GROUP_OF, RunConfig
 from c3po_jax.tasks import suites
+
+# The embedded demo ships next to the package (`checkpoints/` of the repository), so the bare
+# command and the API find it from any working directory.
+CHECKPOINTS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'checkpoints'
+)
+DEMO_WORLDS = {'remix': 'demo', 'control': 'demo_control'}
+# The embedded demo's default size: finishes in minutes on 2 CPU cores.
+DEMO_SIZE = {
+  'max_test_samples': 100,
+  'max_reference_samples': None,  # every reference of the suite (600 / 400 per family)
+  'batch_size': 25,
+}
+
+
+def demo_suite(world: str = 'remix') -> str:
+  """The embedded demo suite of a world: relative to the working directory when under it."""
+  path = os.path.join(CHECKPOINTS, DEMO_WORLDS[world], 'suite')
+  relative = os.path.relpath(path)
+  return path if relative.startswith(os.pardir) else relative
+
+
+def _is_demo(suite_dir: str) -> bool:
+  return os.path.isdir(suite_dir) and any(
+    os.path.samefile(suite_dir, os.path.join(CHECKPOINTS, d, 'suite'))
+    for d in DEMO_WORLDS.values()
+    if os.path.isdir(os.path.join(CHECKPOINTS, d, 'suite'))
+  )
+
+
+def with_suite_settings(rc: RunConfig, suite_dir: str, given) -> RunConfig:
+  """rc with the suite's own settings (prompt format, settings chosen on dev; for the
+  embedded demo also its model and size) for every field not in `given`."""
+  settings = suite_settings(read_suite(suite_dir))
+  if _is_demo(suite_dir):
+    own = {'checkpoint_dir': os.path.dirname(os.path.normpath(suite_dir)), **DEMO_SIZE}
+    settings = {**own, **settings}
+  return rc.replace(**{k: v for k, v in settings.items() if k not in set(given)})
 
 
 def read_suite(suite_dir: str) -> dict:
@@ -37,7 +75,8 @@ def read_suite(suite_dir: str) -> dict:
     return manifest
   path = os.path.join(suite_dir, 'suite.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no suite manifest at {path}')
+    hint = f' (the embedded demo is {demo_suite()})' if 'demo' in suite_dir else ''
+    raise FileNotFoundError(f'no suite manifest at {path}{hint}')
   with open(path) as f:
     manifest = json.load(f)
   if not isinstance(manifest.get('benchmarks'), dict) or not manifest['benchmarks']:
@@ -73,18 +112,22 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   started = time.time()
   manifest = read_suite(suite_dir)
   per_benchmark, all_rows = {}, []
-  runner = None  # opened at the first benchmark (after its inputs are checked), then shared
-  for name, entry in manifest['benchmarks'].items():
-    try:
-      test, test_split, refs = suites.resolve_entry(suites.base_dir(suite_dir), entry, split)
-    except ValueError as e:
-      raise ValueError(f'suite benchmark {name!r} has {e}') from None
-    sub = rc.replace(
-      benchmark=test,
-      split=test_split,
-      reference=refs,
-      output_dir=os.path.join(rc.execution.output_dir, name),
-    )
+  runner = None  # opened at the first benchmark (after every input is checked), then shared
+  subs, inputs = {}, {}
+  with errors.usage_errors():  # every benchmark's data, config and output: before any model
+    for name, entry in manifest['benchmarks'].items():
+      try:
+        test, test_split, refs = suites.resolve_entry(suites.base_dir(suite_dir), entry, split)
+      except ValueError as e:
+        raise ValueError(f'suite benchmark {name!r} has {e}') from None
+      subs[name] = rc.replace(
+        benchmark=test,
+        split=test_split,
+        reference=refs,
+        output_dir=os.path.join(rc.execution.output_dir, name),
+      )
+      inputs[name] = preflight.inputs(subs[name])
+  for name, sub in subs.items():
     print(f'\n== {name} ({split}) ==')
     finished = _finished(sub)
     if finished is not None:
@@ -94,7 +137,7 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
       # One runner for the suite: its prefix-state keys carry the choice count,
       # so benchmarks sharing a reference source never mix padded widths.
       runner = runner or pipeline.open_runner(sub)
-      per_benchmark[name] = pipeline.run(sub, runner)
+      per_benchmark[name] = pipeline.run(sub, runner, inputs.pop(name))
     if jax.process_index() != 0:
       continue  # only process 0 holds the merged results (multi-process runs)
     rows = results.read_rows(os.path.join(sub.execution.output_dir, results.RESULTS_FILE))
