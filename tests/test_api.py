@@ -26,6 +26,7 @@ def test_run_returns_predictions_pathways_and_provenance(tmp_path):
     ngd_steps=2,
     max_similarity=1.0,
     num_plots=0,
+    max_len=24,  # shorter than every prompt: each is left-truncated, with a warning
     output_dir=str(tmp_path / 'out'),
     cache_dir=str(tmp_path / 'cache'),
   )
@@ -38,8 +39,16 @@ def test_run_returns_predictions_pathways_and_provenance(tmp_path):
   with pytest.raises(KeyError, match='icl'):
     result.predictions('icl')
 
+  # The texts once per sample (in its first row), every row warned of the truncation.
+  for sample in preds:
+    mine = [r for r in result.rows if r['id'] == sample]
+    assert len(mine) == 2 and sum('question' in r and 'prompt' in r for r in mine) == 1
+  assert all('--max_len=24' in r['warning'] for r in result.rows)
+  assert result.summary['base']['seconds_per_sample'] > 0  # the base pass, timed
+
   summary = json.loads((tmp_path / 'out' / results.SUMMARY_FILE).read_text())
   prov = summary['provenance']
+  assert prov['started'] <= prov['finished'] == prov['date']
   assert prov['versions']['jax'] and prov['wall_seconds'] > 0
   assert len(prov['checkpoint']['fingerprint']) == 16
   assert prov['data']['test'] == {'benchmark': 'arc_challenge', 'split': 'test', 'size': 2}

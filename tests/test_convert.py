@@ -240,8 +240,8 @@ BAD_CHECKPOINTS = {
   'no_metadata': (lambda c: os.remove(f'{c}/{checkpoint.METADATA_FILE}'), 'incomplete'),
   'wrong_version': (lambda c: _edit_meta(c, format_version=99), 'version 99'),
   'no_params': (lambda c: shutil.rmtree(f'{c}/params'), 'cannot read parameters'),
-  'no_param_data': (_rm_data, 'cannot read parameters'),
-  'truncated_param_data': (_truncate_largest_param_file, 'cannot read parameters'),
+  'no_param_data': (_rm_data, 'cannot read parameters|is missing; the checkpoint is incomplete'),
+  'truncated_param_data': (_truncate_largest_param_file, 'differs from the file written'),
   'config_mismatch': (lambda c: _edit_config(c, num_hidden_layers=4), 'does not match'),
   'no_config': (lambda c: os.remove(f'{c}/config.json'), 'no config.json'),
 }

@@ -4,13 +4,16 @@ Our format (written by `save_checkpoint`, atomically):
 
   <dir>/config.json           the HF config.json of the model's family
   <dir>/params/               Orbax PyTree checkpoint of the parameter tree
-  <dir>/c3po_checkpoint.json  format name and version, dtype (written last)
+  <dir>/c3po_checkpoint.json  format name and version, dtype, and the sha256 of every
+                              other file above ("files"; written last)
   <dir>/tokenizer.json ...    copies of the tokenizer files, if given
 
 `load_checkpoint` also accepts a local Hugging Face OLMoE snapshot, converted
 in memory by `hf_snapshot.read_hf_checkpoint`. Problems raise CheckpointError
 (a ValueError) naming the file or tensor; parameters holding NaN or inf are
-refused.
+refused. A file whose sha256 differs from the one recorded at conversion (a
+flipped byte, a cut copy) is refused by name before Orbax reads it;
+checkpoints written before the hashes were recorded load without that check.
 
 A save writes `.<name>.tmp-<host>-<pid>-*` next to the output and, when it
 replaces one, first moves the old one into `.<name>.old-<host>-<pid>-*`. If the
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from c3po_jax.ckpts import hf_snapshot
+from c3po_jax.ckpts import hf_snapshot, integrity
 from c3po_jax.ckpts.hf_snapshot import CONFIG_FILE, CheckpointError, read_config
 from c3po_jax.common import files
 from models import families, transformer
@@ -158,6 +161,8 @@ def save_checkpoint(
       shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
     _orbax_save(os.path.join(tmp, PARAMS_DIR), params)
     metadata = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'dtype': _dtype_name(params)}
+    extra = [os.path.basename(p) for p in extra_files]
+    metadata[integrity.FILES_KEY] = integrity.file_hashes(tmp, [CONFIG_FILE, PARAMS_DIR, *extra])
     files.write_json(os.path.join(tmp, METADATA_FILE), metadata)
     if os.path.exists(output_dir):
       # Old aside, new in, then delete the old: a kill between the renames
@@ -308,11 +313,14 @@ def _load_converted(path: str, dtype, shardings) -> tuple[MoeConfig, dict]:
     with ocp.Checkpointer(handler) as checkpointer:
       stored = checkpointer.metadata(params_dir).item_metadata
   except Exception as e:  # Orbax / tensorstore errors on missing or corrupt files.
-    raise CheckpointError(f'cannot read parameters from {params_dir}: {e}') from e
+    raise CheckpointError(
+      f'cannot read parameters from {params_dir}: {integrity.short_error(e)}'
+    ) from e
   if stored is None:
     raise CheckpointError(f'cannot read parameters from {params_dir}: no Orbax metadata')
   stored = stored.tree
   _check_tree(stored, config, params_dir, shapes)
+  integrity.verify_files(path, meta.get(integrity.FILES_KEY) or {})
   placements = _shardings_tree(shardings, transformer.param_shapes(config))
   if version[1] == 1:
     placements = params_lib.to_v1(placements, config)
@@ -330,7 +338,9 @@ def _load_converted(path: str, dtype, shardings) -> tuple[MoeConfig, dict]:
         params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
       )
   except Exception as e:
-    raise CheckpointError(f'cannot read parameters from {params_dir}: {e}') from e
+    raise CheckpointError(
+      f'cannot read parameters from {params_dir}: {integrity.short_error(e)}'
+    ) from e
   if version[1] == 1:
     logging.info('%s: layout version 1, converted to the current layout on load.', path)
     params = params_lib.from_v1(params, config)

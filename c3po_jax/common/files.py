@@ -8,6 +8,13 @@ import os
 import tempfile
 
 
+def _file_mode() -> int:
+  """The mode open() gives a new file: 0666 less the process's umask."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, *, sync: bool = False):
   """Opens a temporary sibling of path for text writing; renames it over path on success.
@@ -18,6 +25,7 @@ def atomic_open(path: str, *, sync: bool = False):
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
   try:
+    os.chmod(tmp, _file_mode())  # mkstemp's 0600 -> what open() gives (0644 under umask 022)
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       yield f
       if sync:

@@ -16,7 +16,7 @@ import numpy as np
 
 def _mean(values) -> float | None:
   values = [v for v in values if v is not None]
-  return float(np.mean(values)) if values else None
+  return float(f'{np.mean(values):.6g}') if values else None  # 6 significant digits
 
 
 def summarize(rows: list[dict]) -> dict:

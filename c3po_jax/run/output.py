@@ -12,7 +12,7 @@ stored one, so a checkpoint re-converted at the same path is caught too.
 
 `provenance` is the block summary.json carries: package versions, the git
 commit, the checkpoint's fingerprint, the data splits and sizes actually used,
-the date and the wall time.
+when the run started and finished (UTC) and its wall time.
 """
 
 from __future__ import annotations
@@ -180,13 +180,22 @@ def git_commit() -> dict | None:
   return {'commit': head.stdout.strip(), 'dirty': bool(dirty.stdout.strip())}
 
 
+def timestamp(seconds: float) -> str:
+  """A time.time() value as an ISO 8601 UTC timestamp to the second."""
+  utc = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+  return utc.isoformat(timespec='seconds')
+
+
 def provenance(rc, data: dict, started: float) -> dict:
   """summary.json's provenance block; data: the splits and sizes used."""
   with open(os.path.join(rc.execution.output_dir, RUN_CONFIG_FILE)) as f:
     fingerprint = json.load(f).get('checkpoint_fingerprint')
+  now = time.time()
   return {
-    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-    'wall_seconds': round(time.time() - started, 1),
+    'date': timestamp(now),  # when the run finished
+    'started': timestamp(started),
+    'finished': timestamp(now),
+    'wall_seconds': round(now - started, 1),
     'versions': _versions(),
     'git': git_commit(),
     'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',

@@ -97,7 +97,7 @@ def run(
   print(results.format_table(summary, rc.data.benchmark))
   if diag:
     print(diagnostics.format_table(diag))
-    plots.ngd_steps(diag, rc.execution.output_dir)
+    plots.ngd_steps(diag, rc.execution.output_dir, summary, plots.scope(summary, rc.data.benchmark))
   plots.accuracy(summary, rc.execution.output_dir, rc.data.benchmark)
   plot_rows = [r for r in rows if r['method'] == 'ngd'] or [r for r in rows if r.get('pathway')]
   plots.routing_heatmaps(plot_rows, rc.execution.output_dir, rc.execution.num_plots)
@@ -128,7 +128,12 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       len(prompts),
       rc.model.max_len,
     )
+  t0, c0 = time.perf_counter(), compile_clock.seconds()
   base = runner.analyze(test, prompts, 'test (base)', role='test')
+  compiled = compile_clock.seconds() - c0  # the base pass: base's own time per sample
+  base_time = dict(
+    seconds=(time.perf_counter() - t0 - compiled) / len(test), compile_seconds=compiled / len(test)
+  )
   base_pred, _ = predictions(base.scores, base.cont_chars)
   gold = np.asarray([e.gold for e in test])
   refs = runner.reference_set(pool) if pool else None
@@ -196,7 +201,7 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       continue
     if method == 'base':  # nothing to compute
       for i in todo:
-        writer.write(row('base', i, base.scores[i], 0.0))
+        writer.write(row('base', i, base.scores[i], **base_time))
       continue
     bs = rc.execution.batch_size
     for start in tqdm(range(0, len(todo), bs), desc=method, unit='batch'):

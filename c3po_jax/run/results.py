@@ -180,12 +180,13 @@ def summarize(rows: list[dict]) -> dict:
     worsened = sum(1 for b, m in paired if b and not m)
     out[method] = {
       'n': n,
-      'accuracy': correct / n,
+      'accuracy': round(correct / n, 6),
+      'accuracy_pct': round(100 * correct / n, 1),  # as the printed table shows it
       'accuracy_ci95': [round(x, 4) for x in wilson_interval(correct, n)],
-      'acc_norm': norm / n,
+      'acc_norm': round(norm / n, 6),
       'improved_vs_base': improved,
       'worsened_vs_base': worsened,
-      'mcnemar_p_vs_base': mcnemar_p(improved, worsened),
+      'mcnemar_p_vs_base': float(f'{mcnemar_p(improved, worsened):.4g}'),
       'nan_fallbacks': sum(1 for r in per_id.values() if r.get('fallback') == 'nan'),
       'no_neighbour_fallbacks': sum(
         1 for r in per_id.values() if r.get('fallback') == 'no_neighbours'
@@ -200,16 +201,16 @@ def _timing(rows: list[dict]) -> dict:
   times = [r.get('seconds', 0.0) for r in rows]
   if rows and all('compile_seconds' in r for r in rows):
     return {
-      'seconds_per_sample': sum(times) / len(times),
-      'compile_seconds': sum(r['compile_seconds'] for r in rows),
+      'seconds_per_sample': round(sum(times) / len(times), 5),
+      'compile_seconds': round(sum(r['compile_seconds'] for r in rows), 3),
     }
   first = 0
   while first < len(times) and times[first] == times[0]:
     first += 1
   rest = times[first:] or times
   return {
-    'seconds_per_sample': sum(rest) / len(rest),
-    'first_batch_seconds_per_sample': times[0],
+    'seconds_per_sample': round(sum(rest) / len(rest), 5),
+    'first_batch_seconds_per_sample': round(times[0], 5),
   }
 
 
@@ -219,7 +220,7 @@ def _order(method: str) -> int:
 
 def format_table(summary: dict, benchmark: str) -> str:
   """A Table-1-style text table (accuracy in %)."""
-  name = _short(benchmark)
+  name = short_name(benchmark)
   w = max(14, len(name))
   head = (
     f'{"method":<18} {name:>{w}} {"95% CI":>13} {"acc_norm":>9} {"vs base":>8} '
@@ -244,7 +245,7 @@ def format_table(summary: dict, benchmark: str) -> str:
   return '\n'.join(lines)
 
 
-def _short(benchmark: str) -> str:
+def short_name(benchmark: str) -> str:
   """A column title: the name of a registry benchmark or of a JSONL file."""
   name = os.path.basename(benchmark)
   for ext in ('.jsonl.gz', '.jsonl'):

@@ -138,6 +138,8 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
       # so benchmarks sharing a reference source never mix padded widths.
       runner = runner or pipeline.open_runner(sub)
       per_benchmark[name] = pipeline.run(sub, runner, inputs.pop(name))
+      if jax.process_index() == 0:  # titled with the suite's name of the benchmark
+        plots.accuracy(per_benchmark[name], sub.execution.output_dir, name)
     if jax.process_index() != 0:
       continue  # only process 0 holds the merged results (multi-process runs)
     rows = results.read_rows(os.path.join(sub.execution.output_dir, results.RESULTS_FILE))
@@ -155,9 +157,11 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   if 'paper' in manifest:
     vs_paper = paper_table.compare(per_benchmark, manifest['paper'])
     print('\n' + paper_table.format_table(vs_paper, manifest['paper']))
+  pooled_scope = plots.scope(pooled, f'{len(names)} benchmarks pooled')
+  plots.accuracy(pooled, rc.execution.output_dir, pooled_scope)
   if diag:
     print(diagnostics.format_table(diag))
-    plots.ngd_steps(diag, rc.execution.output_dir)
+    plots.ngd_steps(diag, rc.execution.output_dir, pooled, pooled_scope)
   path = os.path.join(rc.execution.output_dir, results.SUMMARY_FILE)
   files.write_json(
     path,
@@ -214,7 +218,10 @@ def _suite_provenance(output_dir: str, names: list[str], started: float) -> dict
     return {}
   first = dict(next(iter(blocks.values())))
   first['data'] = {name: b.get('data') for name, b in blocks.items()}
-  first['wall_seconds'] = round(time.time() - started, 1)
+  now = time.time()  # the suite's start and end, not its first benchmark's
+  first['date'] = first['finished'] = run_output.timestamp(now)
+  first['started'] = run_output.timestamp(started)
+  first['wall_seconds'] = round(now - started, 1)
   return first
 
 
