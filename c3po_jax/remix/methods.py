@@ -36,6 +36,10 @@ class MethodConfig:
   """Hyper-parameters of the surrogates (defaults: the spec's best settings)."""
 
   ngd_steps: int = 10
+  # Steps the cosine schedule spans (None: ngd_steps). A run of s steps with
+  # schedule_steps=S is the first s steps of an S-step run (the ablation
+  # study's 'prefix' reading of a longer trajectory).
+  schedule_steps: int | None = None
   lr: float = 1e-2
   lr_end: float = 1e-5
   optimizer: str = 'adam'  # 'adam' | 'sgd'
@@ -60,7 +64,7 @@ class MethodConfig:
 
 def _optimizer(mc: MethodConfig) -> optax.GradientTransformation:
   schedule = optax.cosine_decay_schedule(
-    mc.lr, decay_steps=max(mc.ngd_steps, 1), alpha=mc.lr_end / mc.lr
+    mc.lr, decay_steps=max(mc.schedule_steps or mc.ngd_steps, 1), alpha=mc.lr_end / mc.lr
   )
   if mc.optimizer == 'adam':
     return optax.adam(schedule)
