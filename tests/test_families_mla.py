@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from c3po_jax.ckpts import checkpoint, convert, hf_snapshot  # noqa: E402
+from c3po_jax.ckpts import hf_snapshot  # noqa: E402
 from c3po_jax.testing import family_checks as checks  # noqa: E402
 from c3po_jax.testing import hf_mla_families as hf  # noqa: E402
 from c3po_jax.testing.hf_models import padded_batch  # noqa: E402
@@ -64,20 +64,7 @@ def _random_params(family, seed=0):
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
-  """family -> (torch model, hf dir, hf config dict, ConversionResult, config, params)."""
-  cache = {}
-
-  def get(family):
-    if family not in cache:
-      root = tmp_path_factory.mktemp(family)
-      hf_dir = str(root / 'hf')
-      model, hf_config = hf.BUILDERS[family](hf_dir)
-      result = convert.convert(hf_dir, str(root / 'ours'), dtype='float32')
-      config, params = checkpoint.load_checkpoint(result.output_dir)
-      cache[family] = (model, hf_dir, hf_config, result, config, params)
-    return cache[family]
-
-  return get
+  return checks.converter(tmp_path_factory, hf.BUILDERS)
 
 
 @pytest.mark.slow
@@ -165,6 +152,7 @@ def _native_rows(config, params, out, layer):
   return np.asarray(probs), np.asarray(chosen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 @pytest.mark.parametrize('family', FAMILIES)
 def test_identity_pathway_is_native_routing(family, mode):
@@ -197,6 +185,7 @@ def test_identity_pathway_is_native_routing(family, mode):
   assert not np.allclose(other.logits, base.logits, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', FAMILIES)
 def test_cached_decode_matches_full_forward(family):
   """MLA's expanded key/value cache (Dv != Dqk) and the post-norm layer decode like a full pass."""
@@ -216,6 +205,7 @@ def test_cached_decode_matches_full_forward(family):
     np.testing.assert_allclose(np.stack([g[b] for g in got]), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 @pytest.mark.parametrize('family', FAMILIES)
 def test_prefix_window_equals_the_full_forward(family, mode):
@@ -262,7 +252,13 @@ def test_full_size_config_layout_equals_the_hf_tensors(name):
 
 
 @pytest.mark.parametrize(
-  'preset', ['deepseek-v2-lite', 'deepseek-v2', 'deepseek-v3', 'flexolmo-7x7b-1t']
+  'preset',
+  [
+    'deepseek-v2-lite',
+    pytest.param('deepseek-v2', marks=pytest.mark.slow),
+    pytest.param('deepseek-v3', marks=pytest.mark.slow),
+    'flexolmo-7x7b-1t',
+  ],
 )
 def test_full_size_forward_eval_shape(preset):
   config = families.PRESETS[preset]
@@ -288,3 +284,69 @@ def test_c3po_runs_on_the_family_and_identity_keeps_base(tmp_path, family):
   hf_dir = str(tmp_path / 'hf')
   hf.BUILDERS[family](hf_dir, vocab_size=50304)
   checks.pipeline_keeps_base(hf_dir, str(tmp_path))
+
+
+def _write_shards(state: dict, out_dir, config: dict) -> None:
+  """torch tensors -> two safetensors shards with an index, and config.json."""
+  from safetensors.torch import save_file
+
+  os.makedirs(out_dir, exist_ok=True)
+  names = sorted(state)
+  halves = {'a.safetensors': names[::2], 'b.safetensors': names[1::2]}
+  for shard, part in halves.items():
+    save_file({n: state[n].contiguous() for n in part}, os.path.join(out_dir, shard))
+  weight_map = {n: shard for shard, part in halves.items() for n in part}
+  with open(os.path.join(out_dir, hf_snapshot.SAFETENSORS_INDEX), 'w') as f:
+    json.dump({'weight_map': weight_map}, f)
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    json.dump(config, f)
+
+
+@pytest.mark.slow
+def test_fp8_checkpoint_with_mtp_layer_converts(tmp_path):
+  """DeepSeek-V3 as published: FP8 weights with 128 x 128 block scale_inv, an MTP layer.
+
+  Every FP8 weight is read as fp8 * scale_inv (the tree equals one built from
+  the dequantized float32 tensors), and the multi-token-prediction layer
+  (`num_nextn_predict_layers`) is skipped.
+  """
+  from safetensors.torch import load_file
+
+  from c3po_jax.ckpts import fp8
+  from models import hf_mapping
+
+  _, config = hf.save_tiny_deepseek_v3(str(tmp_path / 'f32'))
+  state = {}
+  for shard in sorted(os.listdir(tmp_path / 'f32')):
+    if shard.endswith('.safetensors'):
+      state.update(load_file(str(tmp_path / 'f32' / shard)))
+  num_layers = config['num_hidden_layers']
+  state[f'model.layers.{num_layers}.eh_proj.weight'] = torch.randn(32, 64)  # the MTP layer
+  state[f'model.layers.{num_layers}.enorm.weight'] = torch.ones(32)
+  stored, dequantized = {}, {}
+  gen = torch.Generator().manual_seed(5)
+  for name, t in state.items():
+    quantize = t.ndim == 2 and 'proj' in name  # DeepSeek keeps embeddings, norms, router in bf16
+    if not quantize:
+      stored[name] = dequantized[name] = t
+      continue
+    blocks = (-(-t.shape[0] // fp8.BLOCK), -(-t.shape[1] // fp8.BLOCK))
+    scale_inv = 0.5 + torch.rand(blocks, generator=gen)
+    full = scale_inv.repeat_interleave(fp8.BLOCK, 0).repeat_interleave(fp8.BLOCK, 1)
+    q = (t / full[: t.shape[0], : t.shape[1]]).to(torch.float8_e4m3fn)
+    stored[name], stored[name + '_scale_inv'] = q, scale_inv
+    dequantized[name] = q.float() * full[: t.shape[0], : t.shape[1]]
+  _write_shards(stored, tmp_path / 'fp8', dict(config, num_nextn_predict_layers=1))
+
+  hf_ckpt = hf_snapshot.read_hf_checkpoint(str(tmp_path / 'fp8'), 'float32')
+  assert sorted(hf_ckpt.skipped) == sorted(n for n in state if f'layers.{num_layers}.' in n)
+  assembler = hf_mapping.ParamAssembler(hf_ckpt.config, np.float32)
+  for name, t in dequantized.items():
+    if f'layers.{num_layers}.' not in name:
+      assembler.add(name, t.numpy())
+  jax.tree.map(np.testing.assert_array_equal, hf_ckpt.params, assembler.finish())
+  # A scale without its weight is refused with one line.
+  del stored['model.layers.1.self_attn.kv_b_proj.weight']
+  _write_shards(stored, tmp_path / 'broken', dict(config, num_nextn_predict_layers=1))
+  with pytest.raises(hf_mapping.ConversionError, match='has no FP8 tensor'):
+    hf_snapshot.read_hf_checkpoint(str(tmp_path / 'broken'), 'float32')
