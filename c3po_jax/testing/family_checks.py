@@ -5,11 +5,34 @@
 tensors (the model built on the meta device) placed into our layout, with
 the parameter count. `pipeline_keeps_base`: the whole C3PO pipeline on a tiny
 HF snapshot, kernel regression at alpha = 1 giving back the base scores.
+`converter`: each family's tiny reference saved, converted and loaded once.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def converter(tmp_path_factory, builders: dict):
+  """family -> (torch model, hf dir, hf config dict, ConversionResult, config, params), cached.
+
+  builders: family -> `save_tiny_<family>(out_dir)`; float32 conversion.
+  """
+  from c3po_jax.ckpts import checkpoint, convert
+
+  cache = {}
+
+  def get(family):
+    if family not in cache:
+      root = tmp_path_factory.mktemp(family)
+      hf_dir = str(root / 'hf')
+      model, hf_config = builders[family](hf_dir)
+      result = convert.convert(hf_dir, str(root / 'ours'), dtype='float32')
+      config, params = checkpoint.load_checkpoint(result.output_dir)
+      cache[family] = (model, hf_dir, hf_config, result, config, params)
+    return cache[family]
+
+  return get
 
 
 def reference_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:

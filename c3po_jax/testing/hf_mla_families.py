@@ -42,22 +42,23 @@ _TINY_MLA = dict(
   topk_group=2,
 )
 
+# YaRN stretching a 32-token context by 4 (the published: 4096 by 40).
+_TINY_YARN = dict(
+  rope_type='yarn',
+  rope_theta=10000.0,
+  factor=4.0,
+  original_max_position_embeddings=32,
+  beta_fast=32,
+  beta_slow=1,
+)
+
 TINY_DEEPSEEK_V2 = dict(
   _TINY_MLA,
   q_lora_rank=None,
   n_shared_experts=2,
   topk_method='group_limited_greedy',
   routed_scaling_factor=1.5,
-  rope_parameters=dict(
-    rope_type='yarn',
-    rope_theta=10000.0,
-    factor=4.0,
-    original_max_position_embeddings=32,
-    beta_fast=32,
-    beta_slow=1,
-    mscale=1.0,
-    mscale_all_dim=0.707,
-  ),
+  rope_parameters=dict(_TINY_YARN, mscale=1.0, mscale_all_dim=0.707),
 )
 
 TINY_DEEPSEEK_V3 = dict(
@@ -67,16 +68,7 @@ TINY_DEEPSEEK_V3 = dict(
   routed_scaling_factor=2.5,
   norm_topk_prob=True,
   rope_interleave=True,
-  rope_parameters=dict(
-    rope_type='yarn',
-    rope_theta=10000.0,
-    factor=4.0,
-    original_max_position_embeddings=32,
-    beta_fast=32,
-    beta_slow=1,
-    mscale=1.0,
-    mscale_all_dim=1.0,
-  ),
+  rope_parameters=dict(_TINY_YARN, mscale=1.0, mscale_all_dim=1.0),
 )
 
 TINY_FLEX_OLMO = dict(TINY_COMMON, intermediate_size=16, num_experts=8, norm_topk_prob=False)
