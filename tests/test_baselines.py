@@ -207,8 +207,9 @@ def test_rows_fall_back_to_base_and_say_why():
   assert extras[1]['fallback'] == 'nan' and extras[2]['fallback'] == 'no_neighbours'
 
 
+@pytest.mark.slow
 def test_pipeline_rows_and_summary(tmp_path):
-  """Both baselines through the run: rows with their loss traces, summary, diagnostics."""
+  """Both baselines per sample through the run: rows with their loss traces, summary."""
   from c3po_jax.run import pipeline, results
   from c3po_jax.run.config import RunConfig
   from c3po_jax.testing.checkpoints import make_checkpoint
@@ -221,6 +222,7 @@ def test_pipeline_rows_and_summary(tmp_path):
     max_test_samples=2,
     max_reference_samples=16,
     batch_size=2,
+    baseline_scope='neighbours',
     baseline_steps=2,
     baseline_prefix_len=3,
     critical_layers='last:2',
@@ -238,3 +240,158 @@ def test_pipeline_rows_and_summary(tmp_path):
       assert 'fallback' not in r and len(r['neighbours']) >= 1
   written = json.loads((tmp_path / 'run' / 'summary.json').read_text())
   assert {'soft_prompt', 'prefix_tuning'} <= set(written['diagnostics'])
+
+
+# ---- the paper's form: one prompt per benchmark, trained on its references ----
+
+
+def test_minibatch_order_covers_every_row_each_epoch():
+  order = baselines.minibatch_order(10, 4, 3, seed=0)
+  assert order.shape == (9, 4) and order.dtype == np.int32  # 3 steps per epoch
+  for e in range(3):
+    assert set(order[3 * e : 3 * e + 3].ravel()) == set(range(10))
+  assert not np.array_equal(order[:3], order[3:6])  # a fresh shuffle each epoch
+  assert baselines.minibatch_order(3, 16, 1).shape == (1, 3)  # Bt <= the rows
+  with pytest.raises(ValueError, match='no references'):
+    baselines.minibatch_order(0, 4, 1)
+
+
+def _training_set(n=12, fmt='mc', seed=3):
+  rng = np.random.default_rng(seed)
+  return scoring.make_batch(_prompts(rng, n, fmt), num_choices=3)
+
+
+def _set_loss(eng, kind, model, prompt, data):
+  scores = eng.prompted(kind, model, prompt, data)
+  return float(jnp.mean(scoring.choice_loss(scores, data.gold, data.choice_valid, 'choice_ce')))
+
+
+@pytest.mark.parametrize('kind,fmt', [('soft_prompt', 'mc'), ('prefix_tuning', 'rc')])
+def test_reference_training_lowers_the_training_set_loss(model, kind, fmt):
+  """Trained once on a reference set, the prompt fits that set better than its start."""
+  eng = _engine(baseline_lr=0.05)
+  data = _training_set(fmt=fmt)
+  order = baselines.minibatch_order(12, 4, 4)
+  out = eng.train_prompt(kind, model, data, order, IDS)
+  assert bool(out.finite) and np.asarray(out.losses).shape == (12,)
+  layer_ids = baselines.prefix_layer_ids(eng.ec.baseline, TINY, SPEC.layers)
+  start = baselines.prompt_init(kind, model, TINY, jnp.asarray(IDS), layer_ids)
+  before = _set_loss(eng, kind, model, start, data)
+  after = _set_loss(eng, kind, model, out.prompt, data)
+  assert after < before - 1e-3, (before, after)
+
+
+@pytest.mark.parametrize('kind', baselines.KINDS)
+def test_prompted_with_the_start_prompt_is_the_model_after_the_instruction(model, kind):
+  """The untrained prompt answers like the plain model reading the instruction first."""
+  eng = _engine()
+  data = _training_set(n=3)
+  layer_ids = baselines.prefix_layer_ids(eng.ec.baseline, TINY, SPEC.layers)
+  start = baselines.prompt_init(kind, model, TINY, jnp.asarray(IDS), layer_ids)
+  got = np.asarray(eng.prompted(kind, model, start, data))
+  rng = np.random.default_rng(3)
+  with_text = [
+    EncodedPrompt(tuple(IDS.tolist()) + p.context, p.continuations, p.gold, p.cont_chars, 'mc')
+    for p in _prompts(rng, 3)
+  ]
+  want = np.asarray(eng.analyze(model, scoring.make_batch(with_text, num_choices=3)).scores)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_rows_of_a_non_finite_trained_prompt_keep_the_base_answer(model):
+  from c3po_jax.run.prompts import Prompt
+
+  eng = _engine()
+  base = np.arange(6, dtype=np.float32).reshape(2, 3)
+  tests = _training_set(n=2)
+  layer_ids = baselines.prefix_layer_ids(eng.ec.baseline, TINY, SPEC.layers)
+  start = baselines.prompt_init('soft_prompt', model, TINY, jnp.asarray(IDS), layer_ids)
+  runner = types.SimpleNamespace(
+    engine=eng,
+    params=model,
+    rc=types.SimpleNamespace(method=types.SimpleNamespace(baseline_scope='references')),
+    batch=lambda prompts: tests,
+  )
+  b = batch.BatchInputs(runner, [0, 1], [0, 1], [None, None], None, None, None, None, None)
+  b.base = types.SimpleNamespace(scores=base)
+  for finite in (True, False):
+    b.trained = {'soft_prompt': Prompt(start, finite, {})}
+    scores, extras = batch.method_batch('soft_prompt', b)
+    if finite:
+      np.testing.assert_allclose(scores, eng.prompted('soft_prompt', model, start, tests)[:2])
+      assert extras == [{}, {}]
+    else:
+      np.testing.assert_array_equal(scores, base)
+      assert [e['fallback'] for e in extras] == ['nan', 'nan']
+
+
+def _reference_scope_config(tmp_path, **kw):
+  from c3po_jax.run.config import RunConfig
+  from c3po_jax.testing.checkpoints import make_checkpoint
+
+  settings = dict(
+    checkpoint_dir=make_checkpoint(tmp_path / 'tiny'),
+    benchmark='arc_challenge',
+    reference=('openbookqa',),
+    methods=('base', 'soft_prompt', 'prefix_tuning'),
+    max_test_samples=2,
+    max_reference_samples=8,
+    batch_size=2,
+    baseline_epochs=1,
+    baseline_batch_size=4,
+    baseline_prefix_len=3,
+    critical_layers='last:2',
+    core_experts=4,
+    output_dir=str(tmp_path / 'run'),
+    cache_dir=str(tmp_path / 'cache'),
+  )
+  settings.update(kw)
+  return RunConfig.make(**settings)
+
+
+@pytest.mark.slow
+def test_pipeline_trains_one_prompt_per_benchmark_and_resume_reuses_it(tmp_path, monkeypatch):
+  """The paper's form end to end: one prompt trained on the references, saved, reused."""
+  from c3po_jax.run import pipeline, results
+  from c3po_jax.run.runner import Runner
+
+  rc = _reference_scope_config(tmp_path)
+  pipeline.run(rc)
+  run = tmp_path / 'run'
+  for kind in baselines.KINDS:
+    info = json.loads((run / f'{kind}_prompt.json').read_text())
+    assert info['num_references'] == 8 and info['steps'] == 2 and info['finite']
+    assert len(info['losses']) == 2 and (run / f'{kind}_prompt.npz').exists()
+  rows = results.read_rows(str(run / 'results.jsonl'))
+  assert {r['method'] for r in rows} == {'base', 'soft_prompt', 'prefix_tuning'}
+  assert all('losses' not in r for r in rows)  # no per-sample training
+  summary = json.loads((run / 'summary.json').read_text())
+  assert summary['trained_prompts']['soft_prompt']['num_references'] == 8
+  assert summary['settings_in_effect']['baseline_scope'] == 'references'
+
+  # Interrupted after training (the baselines' rows lost), resumed: the saved
+  # prompts answer again, nothing is retrained, the rows come out the same.
+  first = {(r['method'], r['id']): r for r in rows}
+  results.write_rows(str(run / 'results.jsonl'), [r for r in rows if r['method'] == 'base'])
+  calls = []
+  real_open = Runner.open
+
+  def counting_open(rc, mesh=None):
+    runner = real_open(rc, mesh)
+    train = runner.engine.train_prompt
+    runner.engine.train_prompt = lambda *a: calls.append(a[0]) or train(*a)
+    return runner
+
+  monkeypatch.setattr(Runner, 'open', counting_open)
+  pipeline.run(rc.replace(resume=True))
+  assert calls == []
+  again = results.read_rows(str(run / 'results.jsonl'))
+  assert len(again) == 6
+  for r in again:
+    assert r['choice_scores'] == first[r['method'], r['id']]['choice_scores']
+
+  # Other references: the key differs, so the prompt is trained again.
+  pipeline.run(rc.replace(max_reference_samples=6, overwrite=True))
+  assert sorted(calls) == sorted(baselines.KINDS)
+  info = json.loads((run / 'soft_prompt_prompt.json').read_text())
+  assert info['num_references'] == 6

@@ -9,7 +9,7 @@ import pytest
 
 from c3po_jax.neighbours import kernels
 from c3po_jax.neighbours import search as neighbours
-from c3po_jax.remix import engine, methods, scoring
+from c3po_jax.remix import engine, losses, methods, scoring
 from c3po_jax.remix import pathway as pw_lib
 from c3po_jax.tasks.encoding import EncodedPrompt
 from c3po_jax.testing import checkpoints
@@ -235,3 +235,26 @@ def test_ngd_kernel_mean_init_starts_at_the_neighbours_mean():
   np.testing.assert_allclose(alone.path[0], w0, atol=1e-6)
   with pytest.raises(ValueError, match='w_neighbours'):
     methods.ngd(loss, cs, None, wt, w0, km)
+
+
+@pytest.mark.parametrize('mode', ['dense', 'topk'])
+def test_loss_before_and_after_are_taken_as_the_model_routes(model, mode):
+  """NGD's loss before/after: its objective in the evaluation mode (top-k), in every mode.
+
+  The reference is the naive backend (full forwards of every neighbour with
+  the test sample's pathway injected, top-k) at the base and final weights.
+  """
+  eng = _engine(ngd_steps=2, lr=0.1, opt_pathway_mode=mode)
+  _, nb, cs, w = _problem(model, eng)
+  out = eng.ngd(model, cs, eng.prepare(model, nb), w)
+  naive = losses.NaiveLoss.make_loss(model, TINY, eng.ec, 'topk')
+  w0 = jax.vmap(pw_lib.base_weights)(cs)
+  want_before = jax.vmap(naive)(w0, cs, nb, w)
+  want_after = jax.vmap(naive)(out.trace.w, cs, nb, w)
+  np.testing.assert_allclose(out.loss_before, want_before, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out.loss_after, want_after, rtol=1e-4, atol=1e-5)
+  first = np.asarray(out.trace.losses)[:, 0]
+  if mode == 'topk':  # the descent starts there
+    np.testing.assert_allclose(first, want_before, rtol=1e-4, atol=1e-5)
+  else:  # the dense loss at the base weights mixes every core expert: another number
+    assert np.all(np.abs(first - np.asarray(want_before)) > 1e-4)

@@ -1,11 +1,20 @@
 """The trained-prompt baselines of the paper's Table 1: soft prompts and prefix tuning.
 
-Like NGD, each test sample learns from its own neighbours only: a prompt of P
-trainable vectors, fitted with Optax (Adam, cosine schedule, steps in
-`lax.scan`) to the same kernel-weighted neighbour loss (`losses.weighted_loss`
-of `scoring.choice_loss` on each neighbour's gold answer), then used to answer
-the sample. The model weights never change: they enter through
-`stop_gradient` and only the prompt is differentiated.
+As the paper trains them (`--baseline_scope=references`, the default): one
+prompt per benchmark, "trained on the full reference sets with the base
+model frozen" (section 4.1), then applied unchanged to every test sample,
+so a test sample costs one forward with the prompt (`train`, `prompted`).
+The prompt is fitted with Optax (Adam, cosine schedule, mini-batches drawn
+in a fixed shuffled order, steps in `lax.scan`) to the mean over a
+mini-batch of NGD's per-sample loss (`scoring.choice_loss` on each
+reference's gold answer).
+
+Per test sample (`--baseline_scope=neighbours`, kept for comparison, not
+the paper's): each sample learns its own prompt from its neighbours only,
+on the same kernel-weighted neighbour loss NGD uses (`fit`, `run`).
+
+The model weights never change: they enter through `stop_gradient` and
+only the prompt is differentiated.
 
 * `soft_prompt` (prompt tuning, Lester et al. 2021): P embeddings in front of
   every sequence (`transformer.forward_hidden(prefix_embeds=...)`),
@@ -19,17 +28,16 @@ the sample. The model weights never change: they enter through
 Step size: the variables are offsets in units of the initial prompt's RMS
 (theta = theta0 + rms(theta0) * delta, one scale per tensor), so Adam's step
 of about lr per coordinate moves the prompt by about lr of its own scale,
-whatever the model's embedding or key scale. The default lr 0.3 is prompt
-tuning's (Lester et al. 2021: Adafactor at lr 0.3 on T5, whose embeddings
-have unit scale); the schedule decays it over the steps like NGD's
-(cosine, to 1e-3 of it).
+whatever the model's embedding or key scale. The schedule decays the
+learning rate over the steps like NGD's (cosine, to 1e-3 of it).
 
 A step or result that is not finite (a NaN loss, gradient, prompt or
-choice score) marks the sample: it then keeps the base model's answer.
+choice score) marks the prompt (or the sample): its test samples then keep
+the base model's answer.
 
-Dimensions: Q test samples, N neighbours, S sequences per sample, T tokens,
-C choices, P prompt length, D model, L layers, KV key/value heads, Dh head
-dim, St optimization steps.
+Dimensions: Q test samples, N neighbours, R training references, Bt
+mini-batch, S sequences per sample, T tokens, C choices, P prompt length,
+D model, L layers, KV key/value heads, Dh head dim, St optimization steps.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ from models.config import MoeConfig
 
 KINDS = ('soft_prompt', 'prefix_tuning')
 PREFIX_LAYERS = ('all', 'critical')
+SCOPES = ('references', 'neighbours')
+# What a benchmark's prompt is trained on: every labelled reference candidate, or
+# only those the base model answers correctly (the references C3PO keeps).
+TRAIN_SETS = ('all', 'correct')
 # The instruction whose tokens initialize the prompt (its embeddings, or its keys and values).
 INIT_TEXT = 'Answer the question below. Choose the correct answer.'
 LR_END_RATIO = 1e-3  # the cosine schedule ends at this fraction of the learning rate
@@ -58,9 +70,21 @@ class BaselineConfig:
   """Hyper-parameters of both baselines (named like the run's settings)."""
 
   baseline_prefix_len: int = 10
-  baseline_steps: int = 10
+  baseline_steps: int = 10  # per test sample (scope 'neighbours')
   baseline_lr: float = 0.3
   prefix_layers: str = 'all'  # 'all' | 'critical' (prefix tuning)
+  baseline_scope: str = 'references'  # SCOPES
+  baseline_epochs: int = 2  # passes over the training references (scope 'references')
+  baseline_batch_size: int = 16  # references per mini-batch (scope 'references')
+
+
+@flax.struct.dataclass
+class TrainedPrompt:
+  """A prompt trained once on a reference set (scope 'references')."""
+
+  prompt: dict  # as `prompt_init` returns it: {'embeds': [P, D]} or {layer: LayerCache}
+  losses: jax.Array  # [St] the mini-batch loss before each step
+  finite: jax.Array  # bool: every step finite
 
 
 @flax.struct.dataclass
@@ -101,8 +125,8 @@ def prompt_init(kind: str, params, config: MoeConfig, ids: jax.Array, layer_ids)
   if kind != 'prefix_tuning':
     raise ValueError(f'unknown baseline {kind!r}, expected one of {KINDS}')
   if p == 0:
-    empty = jnp.zeros((0, config.num_key_value_heads, config.head_dim), jnp.float32)
-    return {i: transformer.LayerCache(k=empty, v=empty) for i in layer_ids}
+    empty = jax.tree.map(lambda a: a[0], transformer.LayerCache.empty(config, 1, 0, jnp.float32))
+    return {i: empty for i in layer_ids}  # k [0, KV, Dh], v [0, KV, Dv]
   _, cache, _ = decode.prefill(params, ids[None], config=config, cache_size=p)
   f32 = lambda a: a[0].astype(jnp.float32)  # [1, P, KV, Dh] -> [P, KV, Dh]
   return {
@@ -145,8 +169,7 @@ def fit(kind, params, config, loss_kind, bc, layer_ids, test, data, weights, ids
 
   def scores_fn(delta, cs, batch, anchors=None):
     del cs, anchors  # no pathway: the prompt is the only variable
-    prompt = jax.tree.map(lambda t, s, d: t + s * d, theta0, scale, delta)
-    inputs = model_inputs(kind, prompt, batch.size)
+    inputs = model_inputs(kind, _offset_prompt(theta0, scale, delta), batch.size)
     return scoring.analyze(params, batch, config=config, **inputs).scores
 
   loss_fn = losses.weighted_loss(scores_fn, loss_kind)
@@ -190,3 +213,70 @@ def run(kind: str, params, config: MoeConfig, ec, tests, data, weights, ids) -> 
 
   scores, trace, finite = jax.vmap(one)(tests, data, weights)
   return PromptOutcome(scores=scores, losses=trace, finite=finite)
+
+
+def _offset_prompt(theta0, scale, delta):
+  return jax.tree.map(lambda t, s, d: t + s * d, theta0, scale, delta)
+
+
+def train(kind, params, config, loss_kind, bc, layer_ids, data, order, ids) -> TrainedPrompt:
+  """One prompt on a training set, in mini-batches (the paper's form).
+
+  data: ChoiceBatch [R, S, T] (every training reference, one padded shape);
+  order: int32 [St, Bt], the rows of each step's mini-batch; ids [P] the
+  initialization tokens. Each step: Adam on the mean of `choice_loss` over
+  the mini-batch, with the cosine schedule over the St steps.
+  """
+  params = jax.lax.stop_gradient(params)
+  theta0 = prompt_init(kind, params, config, ids, layer_ids)
+  scale = jax.tree.map(_rms, theta0)
+  delta0 = jax.tree.map(jnp.zeros_like, theta0)
+
+  def objective(delta, rows):
+    batch = jax.tree.map(lambda a: a[rows], data)  # [Bt, S, T]
+    inputs = model_inputs(kind, _offset_prompt(theta0, scale, delta), batch.size)
+    scores = scoring.analyze(params, batch, config=config, **inputs).scores
+    return jnp.mean(scoring.choice_loss(scores, batch.gold, batch.choice_valid, loss_kind))
+
+  steps = order.shape[0]
+  schedule = optax.cosine_decay_schedule(
+    bc.baseline_lr, decay_steps=max(steps, 1), alpha=LR_END_RATIO
+  )
+  opt = optax.adam(schedule)
+
+  def step(carry, rows):
+    delta, state = carry
+    loss, grad = jax.value_and_grad(objective)(delta, rows)
+    updates, state = opt.update(grad, state, delta)
+    delta = optax.apply_updates(delta, updates)
+    return (delta, state), (loss, jnp.isfinite(loss) & _all_finite(grad))
+
+  (delta, _), (trace, oks) = jax.lax.scan(step, (delta0, opt.init(delta0)), order)
+  prompt = _offset_prompt(theta0, scale, delta)
+  return TrainedPrompt(prompt=prompt, losses=trace, finite=jnp.all(oks) & _all_finite(prompt))
+
+
+def prompted(kind: str, params, config: MoeConfig, prompt: dict, tests) -> jax.Array:
+  """Choice scores [Q, C] of test samples [Q, S, T] answered with one trained prompt."""
+  return scoring.analyze(
+    params, tests, config=config, **model_inputs(kind, prompt, tests.size)
+  ).scores
+
+
+def minibatch_order(num_rows: int, batch_size: int, epochs: int, seed: int = 0) -> np.ndarray:
+  """int32 [St, Bt]: each epoch a fresh shuffle of the rows, cut into mini-batches.
+
+  The last mini-batch of an epoch is filled from the start of the same
+  shuffle, so every step has Bt rows and one compiled shape.
+  """
+  if num_rows < 1:
+    raise ValueError('no references to train the prompt on')
+  bt = min(batch_size, num_rows)
+  per_epoch = -(-num_rows // bt)
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(epochs):
+    perm = rng.permutation(num_rows)
+    perm = np.concatenate([perm, perm[: per_epoch * bt - num_rows]])
+    out.append(perm.reshape(per_epoch, bt))
+  return np.concatenate(out).astype(np.int32) if out else np.zeros((0, bt), np.int32)

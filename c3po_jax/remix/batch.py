@@ -44,23 +44,26 @@ def neighbour_data(runner, pidx, refs, nbh, weights, ref_prompts, prepared=True)
   """
   eng, params, bs = runner.engine, runner.params, runner.rc.execution.batch_size
   k = nbh.index.shape[1]
-  nb_prompts, nb_w, nb_probs, nb_refs = [], [], [], []
+  nb_prompts, nb_w, nb_probs = [], [], []
   for i in pidx:
     valid = nbh.valid[i]
     fill = int(nbh.index[i][valid][0]) if valid.any() else 0
     for j, v in zip(nbh.index[i], valid):
       nb_prompts.append(ref_prompts[int(j) if v else fill])
       nb_probs.append(refs.router_probs[int(j) if v else fill])
-      nb_refs.append(refs.examples[int(j) if v else fill])
     nb_w.append(np.where(valid, weights[i], 0.0))
   nc, ml = runner.num_choices, runner.rc.model.max_len
   states = runner.states if prepared else None
   if states is None:
     flat = make_batch(
-      nb_prompts, num_choices=nc, max_len=ml, position=runner.rc.method.token_position
+      nb_prompts,
+      num_choices=nc,
+      max_len=ml,
+      position=runner.rc.method.token_position,
+      count=runner.rc.method.token_count,
     )
   else:  # already prepared: [Q * N, ...]
-    keys = [runner.state_key(e, 'ref') for e in nb_refs]
+    keys = [runner.state_key(p, 'ref') for p in nb_prompts]
     flat = states.states(params, keys, nb_prompts, num_choices=nc, max_len=ml)
   data = runner.shard(jax.tree.map(lambda x: x.reshape((bs, k) + x.shape[1:]), flat))
   if prepared and states is None:
@@ -90,6 +93,7 @@ class BatchInputs:
   cs: object = None  # CoreSlice [Q, ...]
   seq_probs: object = None  # [Q, S, L, E]
   tests: object = None  # the test samples' prefix states [Q, 1, ...] (last token), or None
+  trained: dict | None = None  # {baseline kind: run.prompts.Prompt} (scope 'references')
 
 
 def _mode_finding(b: BatchInputs):
@@ -189,12 +193,22 @@ def baseline_rows(method: str, out, b: BatchInputs):
 
 
 def _baseline(method: str, b: BatchInputs):
-  """Scores [n, C] with a prompt trained per test sample on its neighbours."""
+  """Scores [n, C] with a trained prompt: the benchmark's one, or each sample's own."""
   runner, m = b.runner, b.runner.rc.method
+  tests = runner.batch([b.prompts[i] for i in b.pidx])
+  if m.baseline_scope == 'references':  # the paper's: one prompt, trained on the references
+    tp = b.trained[method]
+    scores = np.asarray(
+      jax.device_get(runner.engine.prompted(method, runner.params, tp.prompt, tests))
+    )
+    out, extras = [], []
+    for j, i in enumerate(b.idx):
+      out.append(scores[j] if tp.finite else b.base.scores[i])
+      extras.append({} if tp.finite else {'fallback': 'nan'})
+    return np.stack(out), extras
   data, w, _ = neighbour_data(
     runner, b.pidx, b.refs, b.nbh, b.weights, b.ref_prompts, prepared=False
   )
-  tests = runner.batch([b.prompts[i] for i in b.pidx])
   ids = baselines.init_ids(runner.tokenizer, m.baseline_init_text, m.baseline_prefix_len)
   out = jax.device_get(getattr(runner.engine, method)(runner.params, tests, data, w, ids))
   return baseline_rows(method, out, b)
@@ -212,8 +226,9 @@ def method_batch(method: str, b: BatchInputs):
   b.test_batch = runner.batch([b.prompts[i] for i in b.pidx])
   b.cs = eng.core_slices(runner.shard(b.base.router_probs[b.pidx]))
   b.seq_probs = runner.shard(b.base.seq_probs[b.pidx])  # [Q, S, L, E]
-  if runner.rc.method.token_position == 'last':  # prefix states: the window scores the result
-    keys = [runner.state_key(runner.test[i], 'test') for i in b.pidx]
+  m = runner.rc.method
+  if m.token_position == 'last' and m.token_count == 1:  # prefix states: the window scores it
+    keys = [runner.state_key(b.prompts[i], 'test') for i in b.pidx]
     b.tests = runner.test_states([b.prompts[i] for i in b.pidx], b.test_batch, keys)
   out = remix.run(b)
   path_scores = None
@@ -254,6 +269,9 @@ def _extras(method: str, remix: Remix, b: BatchInputs, out, path_scores=None) ->
         ex['loss_after'] = round(float(np.min(loss_trace[j])), 5)
     elif loss_trace.shape[-1]:
       ex.update(_loss_fields(loss_trace[j]))
+      ends = float(np.asarray(out.loss_before)[j]), float(np.asarray(out.loss_after)[j])
+      if all(np.isfinite(ends)):  # as the model routes (eval mode), whatever the descent's mode
+        ex['loss_before'], ex['loss_after'] = (round(x, 5) for x in ends)
     if step_correct is not None:
       ex['step_correct'] = step_correct[j].tolist()
     ex['topk_new'] = round(float(topk_new[j]), 4)

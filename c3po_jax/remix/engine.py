@@ -49,6 +49,12 @@ class Outcome:
   alpha: jax.Array  # [Q] kernel regression's alpha (1 elsewhere)
   topk_new: jax.Array  # [Q] fraction of the final top-k experts not in the base top-k
   mean_abs_delta: jax.Array  # [Q] mean |w - w_base| over the core weights
+  # [Q] NGD's and the oracle's objective as the model routes (`eval_pathway_mode`, top-k
+  # by default) at the base weights and at the result, whatever mode the descent ran in
+  # (the dense loss at the base weights mixes every core expert: not the model's loss);
+  # NaN where a method has none.
+  loss_before: jax.Array
+  loss_after: jax.Array
 
 
 class Engine:
@@ -72,6 +78,8 @@ class Engine:
     self.path_scores = jax.jit(self._path_scores)
     self.soft_prompt = jax.jit(functools.partial(self._baseline, 'soft_prompt'))
     self.prefix_tuning = jax.jit(functools.partial(self._baseline, 'prefix_tuning'))
+    self.train_prompt = jax.jit(self._train_prompt, static_argnums=0)
+    self.prompted = jax.jit(self._prompted, static_argnums=0)
 
   def core_slices(self, base_probs):
     """[Q, L, E] base routing -> batched CoreSlice."""
@@ -84,8 +92,11 @@ class Engine:
     return jax.vmap(per)(cs.core, ref_probs)
 
   def _anchors(self, seq_probs):
-    """Per-sequence base routing [Q, S, L, E] -> critical-layer rows [Q, S, C, E]."""
-    return seq_probs[:, :, jnp.asarray(self.ec.spec.layers)]
+    """Per-sequence base routing [Q, S, (U,) L, E] -> critical-layer rows [Q, S, (U,) C, E].
+
+    With U pathway tokens each token keeps its own base row plus the change.
+    """
+    return jnp.take(seq_probs, jnp.asarray(self.ec.spec.layers), axis=-2)
 
   def _analyze_remixed(self, params, batch, cs, w, seq_probs):
     """Scores the test batch with core weights w [Q, C, Kc].
@@ -96,7 +107,7 @@ class Engine:
     anchors = self._anchors(seq_probs)
     mode = self.ec.eval_pathway_mode
     rows = jax.vmap(lambda wi, ci, ai: pw_lib.pathway_rows(wi, ci, mode, ai))(w, cs, anchors)
-    pathway = {layer: rows[:, :, i] for i, layer in enumerate(self.ec.spec.layers)}
+    pathway = {layer: rows[..., i, :] for i, layer in enumerate(self.ec.spec.layers)}
     return scoring.analyze(params, batch, config=self.config, pathway=pathway, pathway_mode=mode)
 
   def _analyze_prepared(self, params, batch):
@@ -123,14 +134,31 @@ class Engine:
     out = losses.PrefixLoss.prepare(params, self.config, self.ec, batch)
     return jax.tree.map(lambda x: x[:, None], out)
 
-  def _outcome(self, cs, trace, alpha=None):
+  def _outcome(self, cs, trace, alpha=None, ends=None):
     k = self.config.num_experts_per_tok
     w0 = jax.vmap(pw_lib.base_weights)(cs)
     topk_new = jax.vmap(lambda w, c: jnp.mean(pw_lib.topk_change(w, c, k)))(trace.w, cs)
     delta = jnp.mean(jnp.abs(trace.w - w0), axis=(-2, -1))
     if alpha is None:
       alpha = jnp.ones(delta.shape, jnp.float32)
-    return Outcome(trace=trace, alpha=alpha, topk_new=topk_new, mean_abs_delta=delta)
+    nan = jnp.full(delta.shape, jnp.nan, jnp.float32)
+    before, after = ends if ends is not None else (nan, nan)
+    return Outcome(
+      trace=trace,
+      alpha=alpha,
+      topk_new=topk_new,
+      mean_abs_delta=delta,
+      loss_before=before,
+      loss_after=after,
+    )
+
+  def _loss_ends(self, params, cs, data, weights, w, anchors=None):
+    """([Q], [Q]) the objective in the evaluation mode at the base weights and at w [Q, C, Kc]."""
+    loss_fn = self.loss_backend.make_loss(params, self.config, self.ec, self.ec.eval_pathway_mode)
+    w0 = jax.vmap(pw_lib.base_weights)(cs)
+    extra = () if anchors is None else (anchors,)
+    at = lambda ws: jax.vmap(loss_fn)(ws, cs, data, weights, *extra)
+    return at(w0), at(w)
 
   def _ngd(self, params, cs, data, weights, w_neighbours=None):
     """data: `prepare`d neighbour state, [Q, N, ...]; weights [Q, N].
@@ -143,9 +171,11 @@ class Engine:
     mc = self.ec.method
     if w_neighbours is None:
       fn = lambda c, d, wt, w: methods.ngd(loss_fn, c, d, wt, w, mc)
-      return self._outcome(cs, jax.vmap(fn)(cs, data, weights, w0))
-    fn = lambda c, d, wt, w, wn: methods.ngd(loss_fn, c, d, wt, w, mc, w_neighbours=wn)
-    return self._outcome(cs, jax.vmap(fn)(cs, data, weights, w0, w_neighbours))
+      trace = jax.vmap(fn)(cs, data, weights, w0)
+    else:
+      fn = lambda c, d, wt, w, wn: methods.ngd(loss_fn, c, d, wt, w, mc, w_neighbours=wn)
+      trace = jax.vmap(fn)(cs, data, weights, w0, w_neighbours)
+    return self._outcome(cs, trace, ends=self._loss_ends(params, cs, data, weights, trace.w))
 
   def _oracle(self, params, cs, data, seq_probs):
     """NGD on the test sample's own label; data: the test batch `prepare`d as [Q, 1, ...].
@@ -162,7 +192,9 @@ class Engine:
     if mc.ngd_init != 'base':
       mc = dataclasses.replace(mc, ngd_init='base')
     fn = lambda c, d, wt, w, a: methods.ngd(loss_fn, c, d, wt, w, mc, a)
-    return self._outcome(cs, jax.vmap(fn)(cs, data, ones, w0, anchors))
+    trace = jax.vmap(fn)(cs, data, ones, w0, anchors)
+    ends = self._loss_ends(params, cs, data, ones, trace.w, anchors)
+    return self._outcome(cs, trace, ends=ends)
 
   def _kernel_regression(self, params, cs, data, weights, w_neighbours):
     # alpha is chosen on the loss of the mode the result is evaluated in.
@@ -210,3 +242,16 @@ class Engine:
     [Q, N]; ids [P]: the tokens that initialize the prompt.
     """
     return baselines.run(kind, params, self.config, self.ec, tests, data, weights, ids)
+
+  def _train_prompt(self, kind, params, data, order, ids):
+    """One prompt trained on a reference set (`baselines.train`) -> baselines.TrainedPrompt.
+
+    data: ChoiceBatch [R, S, T]; order int32 [St, Bt] mini-batch rows; ids [P].
+    """
+    bc = self.ec.baseline
+    layer_ids = baselines.prefix_layer_ids(bc, self.config, self.ec.spec.layers)
+    return baselines.train(kind, params, self.config, self.ec.loss, bc, layer_ids, data, order, ids)
+
+  def _prompted(self, kind, params, prompt, tests):
+    """Scores [Q, C] of a test batch [Q, ...] with a trained prompt (`baselines.prompted`)."""
+    return baselines.prompted(kind, params, self.config, prompt, tests)

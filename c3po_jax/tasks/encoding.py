@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import weakref
 from collections.abc import Sequence
 
@@ -32,6 +34,17 @@ class EncodedPrompt:
     return self.context if self.choice_contexts is None else self.choice_contexts[choice]
 
 
+def content_hash(prompt: EncodedPrompt) -> str:
+  """sha256 (hex, 20 chars) of what a prompt's states and rows are computed from.
+
+  Its tokens (context, per-choice contexts, continuations), format and gold:
+  anything cached across runs is keyed by it, never by a sample's id alone
+  (ids repeat across data files and draws).
+  """
+  parts = [prompt.fmt, prompt.context, prompt.choice_contexts, prompt.continuations, prompt.gold]
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
 _LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -40,6 +53,22 @@ def longest_token(tokenizer) -> int:
   if tokenizer not in _LONGEST:
     _LONGEST[tokenizer] = max(len(t) for t in tokenizer.get_vocab())
   return _LONGEST[tokenizer]
+
+
+def tail(tokenizer, text: str, max_len: int) -> str:
+  """The end of text holding at least 2 x max_len tokens, or all of it.
+
+  Windows of 8 x max_len characters, growing 4-fold, are tokenized until one
+  holds enough tokens: a cut that far back leaves the last max_len tokens as
+  the whole text gives them, and a 10 MB line costs a few windows, not the
+  whole line.
+  """
+  size = 8 * max_len
+  while size < len(text):
+    if len(tokenizer(text[-size:], add_special_tokens=False)['input_ids']) >= 2 * max_len:
+      return text[-size:]
+    size *= 4
+  return text
 
 
 def encode(
@@ -52,10 +81,9 @@ def encode(
 ) -> EncodedPrompt:
   """Formats `example` ('mc' or 'rc', with optional demonstrations) and tokenizes it.
 
-  max_len: the most tokens the model sees. Only a context's last
-  2 x max_len x (longest token) characters are tokenized, so a huge question
-  costs no more than a long one (the cut is far before the last max_len
-  tokens); `truncated` says whether the model will see only the end.
+  max_len: the most tokens the model sees. Only the end of a long context is
+  tokenized (`tail`), so a huge question costs no more than a long one;
+  `truncated` says whether the model will see only the end.
   """
   prompt = format_example(example, fmt, fewshot=fewshot)
   chars = tuple(max(len(c), 1) for c in prompt.continuations)  # OLMES acc_per_char
@@ -67,11 +95,12 @@ def encode(
       raise ValueError(
         f'{example.task}/{example.id}: a choice is longer than --max_len={max_len} tokens hold'
       )
-    texts = (context,) + (choice_contexts or ())
-    cut = any(len(t) > budget for t in texts)
-    context = context[-budget:]
+    context = tail(tokenizer, context, max_len)
+    cut = len(context) < len(prompt.context)
     if choice_contexts is not None:
-      choice_contexts = tuple(c[-budget:] for c in choice_contexts)
+      # Each choice's context extends the shared one: cut it as much.
+      drop = len(prompt.context) - len(context)
+      choice_contexts = tuple(c[drop:] for c in choice_contexts)
   if choice_contexts is None or fmt == 'mc':
     context_ids, conts = encode_prompt(tokenizer, context, prompt.continuations)
     if fmt == 'mc' and any(len(c) != 1 for c in conts):
