@@ -83,7 +83,7 @@ def prefill(
   model = params_lib.bind(params, config)
   x = model.embed(tokens)  # [B, T, D]
   # A T-slot cache, padded to S afterwards: prompt attention runs over T keys only.
-  empty = jnp.zeros((b, t, config.num_key_value_heads, config.head_dim), x.dtype)
+  empty = transformer.LayerCache.empty(config, b, t, x.dtype)
   x, caches, router_logits, router_probs = transformer.decoder_stack(
     model,
     x,
@@ -92,7 +92,7 @@ def prefill(
     query_slots=jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)),
     key_valid=key_valid,
     last_index=last_index,
-    caches=[transformer.LayerCache(k=empty, v=empty)] * config.num_hidden_layers,
+    caches=[empty] * config.num_hidden_layers,
     pathway={int(k): v for k, v in (pathway or {}).items()},
     pathway_mode=pathway_mode,
   )

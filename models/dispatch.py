@@ -26,6 +26,9 @@ benchmarks.forward_throughput --dispatch=ragged`; README "Measured speed"),
 so 'auto' is 'sorted' there and 'ragged' on GPU and TPU, where `ragged_dot`
 is a native grouped matmul and the scan's per-block loop would serialize.
 
+The experts are SwiGLU by default; the weights dict may add per-expert
+biases and gpt-oss's clamped gate (`models.glu`), which every strategy applies.
+
 Dimensions: N tokens (flattened batch), D model, F expert hidden, E experts,
 K experts per token, A = N*K assignments, S rows per block, G blocks.
 """
@@ -39,18 +42,27 @@ import jax.numpy as jnp
 
 from models import fold, ragged, routing
 from models.config import DISPATCHES
+from models.glu import bias as _bias
+from models.glu import glu
 
 
-def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-  """One expert: x [..., D] with gate/up [D, F], down [F, D] -> [..., D]."""
-  return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+def _swiglu(x: jax.Array, moe: dict, e) -> jax.Array:
+  """Expert e: x [..., D] -> [..., D] (gate/up [D, F], down [F, D], optional biases)."""
+  h = glu(
+    x @ moe['gate'][e] + _bias(moe, 'gate_bias', e),
+    x @ moe['up'][e] + _bias(moe, 'up_bias', e),
+    moe,
+  )
+  return h @ moe['down'][e] + _bias(moe, 'down_bias', e)
 
 
 def expert_outputs(x: jax.Array, moe: dict) -> jax.Array:
   """Every expert on every token: [N, D] -> [N, E, D]."""
-  h = jax.nn.silu(jnp.einsum('nd,edf->nef', x, moe['gate']))
-  h = h * jnp.einsum('nd,edf->nef', x, moe['up'])  # [N, E, F]
-  return jnp.einsum('nef,efd->ned', h, moe['down'])
+  every = slice(None)
+  gate = jnp.einsum('nd,edf->nef', x, moe['gate']) + _bias(moe, 'gate_bias', every)
+  up = jnp.einsum('nd,edf->nef', x, moe['up']) + _bias(moe, 'up_bias', every)
+  h = glu(gate, up, moe)  # [N, E, F]
+  return jnp.einsum('nef,efd->ned', h, moe['down']) + _bias(moe, 'down_bias', every)
 
 
 def moe_dense(x: jax.Array, combine: jax.Array, moe: dict) -> jax.Array:
@@ -64,9 +76,12 @@ def moe_gather(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict):
   gate = moe['gate'][indices]  # [N, K, D, F]
   up = moe['up'][indices]
   down = moe['down'][indices]  # [N, K, F, D]
-  h = jax.nn.silu(jnp.einsum('nd,nkdf->nkf', x, gate))
-  h = h * jnp.einsum('nd,nkdf->nkf', x, up)
-  y = jnp.einsum('nkf,nkfd->nkd', h, down)  # [N, K, D]
+  h = glu(
+    jnp.einsum('nd,nkdf->nkf', x, gate) + _bias(moe, 'gate_bias', indices),
+    jnp.einsum('nd,nkdf->nkf', x, up) + _bias(moe, 'up_bias', indices),
+    moe,
+  )
+  y = jnp.einsum('nkf,nkfd->nkd', h, down) + _bias(moe, 'down_bias', indices)  # [N, K, D]
   return jnp.einsum('nkd,nk->nd', y.astype(jnp.float32), weights).astype(x.dtype)
 
 
@@ -150,7 +165,7 @@ def moe_sorted(
     jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   )
   def expert_block(xg, expert):  # [S, D], [] -> [S, D]
-    return _swiglu(xg, moe['gate'][expert], moe['up'][expert], moe['down'][expert])
+    return _swiglu(xg, moe, expert)
 
   def run_block(out, args):
     tokens, w, expert = args  # [S], [S], []
@@ -238,9 +253,11 @@ def mix_all_experts(moe: dict, x: jax.Array, combine: jax.Array) -> jax.Array:
   """
   dims = (((2,), (1,)), ((0,), (0,)))  # contract D (then F), batch over E
   xe = jnp.broadcast_to(x[None], (moe['gate'].shape[0],) + x.shape)  # [E, B, D]
+  every = (slice(None), None)  # biases [E, 1, F] / [E, 1, D] against [E, B, .]
   gate = jax.lax.dot_general(xe, moe['gate'].astype(x.dtype), dims)  # [E, B, F]
   up = jax.lax.dot_general(xe, moe['up'].astype(x.dtype), dims)
-  a = jax.nn.silu(gate) * up
+  a = glu(gate + _bias(moe, 'gate_bias', every), up + _bias(moe, 'up_bias', every), moe)
   a = (a.astype(jnp.float32) * combine.T[..., None]).astype(x.dtype)  # [E, B, F]
   y = jax.lax.dot_general(a, moe['down'].astype(x.dtype), dims)  # [E, B, D]
-  return jnp.sum(y.astype(jnp.float32), axis=0).astype(x.dtype)
+  y = y.astype(jnp.float32) + combine.T[..., None] * _bias(moe, 'down_bias', every)
+  return jnp.sum(y, axis=0).astype(x.dtype)

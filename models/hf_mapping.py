@@ -17,7 +17,7 @@ import numpy as np
 
 from models import families
 from models.config import MoeConfig
-from models.families.common import Rule, Target, t_stacked
+from models.families.common import Rule, Target
 from models.params import param_shapes
 
 _COMPILED: dict[int, list] = {}
@@ -43,11 +43,8 @@ def place(
   target: Target, array: np.ndarray
 ) -> list[tuple[tuple[str, ...], int | None, np.ndarray]]:
   """Applies a target's layout hook: [(path, expert, our-layout array)]."""
-  if target.split is not None:
-    # HF fused gate_up: [E, 2F, D]; gate is the first half of dim 1.
-    f = array.shape[1] // 2
-    gate, up = array[:, :f], array[:, f:]
-    return [(target.split[0], None, t_stacked(gate)), (target.split[1], None, t_stacked(up))]
+  if target.split is not None:  # a fused tensor: one whole leaf per split path
+    return [(path, None, part) for path, part in zip(target.split, target.transform(array))]
   return [(target.path, target.expert, target.transform(array))]
 
 

@@ -34,7 +34,7 @@ from models import params as params_lib
 from models import transformer
 from models.config import MoeConfig
 from models.nn.decoder import DecoderLayer
-from models.nn.layers import MASKED
+from models.nn.layers import MASKED, attention_probs, causal_visible
 
 
 @flax.struct.dataclass
@@ -87,8 +87,7 @@ def _window(x_win, k, v, common, slots, gather) -> PrefixWindow:
 
 
 def _empty_caches(config: MoeConfig, x, n: int):
-  empty = jnp.zeros(x.shape[:2] + (config.num_key_value_heads, config.head_dim), x.dtype)
-  return [transformer.LayerCache(k=empty, v=empty)] * n
+  return [transformer.LayerCache.empty(config, x.shape[0], x.shape[1], x.dtype)] * n
 
 
 def prepare(
@@ -113,7 +112,7 @@ def prepare(
     model, x, layer_ids=mid, caches=_empty_caches(config, x, len(mid)), **common
   )
   last = model.layer(num_layers - 1)
-  _, k, v = last.attn.qkv(last.input_norm(x), common['positions'])
+  _, k, v = last.attn.qkv(last.attn_input(x), common['positions'])
   k = jnp.stack([c.k for c in caches] + [k], axis=1)
   v = jnp.stack([c.v for c in caches] + [v], axis=1)
   return jax.lax.stop_gradient(_window(x_win, k, v, common, slots, gather))
@@ -156,29 +155,35 @@ def forward_and_prepare(
   )
 
 
-def _window_attend(q, k, v, cache: transformer.LayerCache, slots, key_valid) -> jax.Array:
+def _window_attend(
+  q, k, v, cache: transformer.LayerCache, slots, key_valid, *, scale=None, window=None, sinks=None
+) -> jax.Array:
   """Causal attention of the window over the cached prefix and the window itself.
 
   `layers.attend` with the window's keys in place of the cached ones at their
   slots, without writing them there: the prefix (cached slots before the
   window, p = slots[:, 0]) and the window are scored apart and share one
   softmax. q [B, U, H, Dh]; k, v [B, U, KV, Dh]; cache k, v [B, T, KV, Dh];
-  slots [B, U]; key_valid [B, T]. Returns [B, U, H*Dh].
+  slots [B, U]; key_valid [B, T]; scale, window, sinks as in `layers.attend`.
+  Returns [B, U, H*Dh].
   """
   b, u, h, dh = q.shape
   kv, t = k.shape[2], cache.k.shape[1]
+  scale = dh**-0.5 if scale is None else scale
   q = q.reshape(b, u, kv, h // kv, dh)  # [B, U, KV, G, Dh]
-  pre = jnp.einsum('bukgd,btkd->bkgut', q, cache.k).astype(jnp.float32) * dh**-0.5
-  win = jnp.einsum('bukgd,bwkd->bkguw', q, k).astype(jnp.float32) * dh**-0.5
-  pre_ok = (jnp.arange(t)[None, :] < slots[:, :1]) & key_valid  # [B, T]
+  pre = jnp.einsum('bukgd,btkd->bkgut', q, cache.k).astype(jnp.float32) * scale
+  win = jnp.einsum('bukgd,bwkd->bkguw', q, k).astype(jnp.float32) * scale
+  cached = jnp.broadcast_to(jnp.arange(t)[None], key_valid.shape)  # [B, T]
+  pre_ok = causal_visible(slots, cached, window) & (cached < slots[:, :1])[:, None, :]
+  pre_ok = pre_ok & key_valid[:, None, :]  # [B, U, T]
   win_valid = jnp.take_along_axis(key_valid, jnp.minimum(slots, t - 1), axis=1) & (slots < t)
-  win_ok = (jnp.arange(u)[None, :] <= jnp.arange(u)[:, None])[None] & win_valid[:, None, :]
-  pre = jnp.where(pre_ok[:, None, None, None, :], pre, MASKED)  # [B, KV, G, U, T]
+  win_ok = causal_visible(slots, slots, window) & win_valid[:, None, :]  # [B, U, U]
+  pre = jnp.where(pre_ok[:, None, None], pre, MASKED)  # [B, KV, G, U, T]
   win = jnp.where(win_ok[:, None, None], win, MASKED)  # [B, KV, G, U, U]
-  probs = jax.nn.softmax(jnp.concatenate([pre, win], axis=-1), axis=-1).astype(v.dtype)
+  probs = attention_probs(jnp.concatenate([pre, win], axis=-1), sinks).astype(v.dtype)
   out = jnp.einsum('bkgut,btkd->bukgd', probs[..., :t], cache.v)
   out = out + jnp.einsum('bkguw,bwkd->bukgd', probs[..., t:], v)
-  return out.reshape(b, u, h * dh)
+  return out.reshape(b, u, -1)  # [B, U, H*Dv]
 
 
 def window_layer(
@@ -199,10 +204,11 @@ def window_layer(
   first (last_index is unused). Returns (x, None, None, cache): no routing.
   """
   del last_index
-  q, k, v = layer.attn.qkv(layer.input_norm(x), positions)
-  x = x + layer.attn.out(_window_attend(q, k, v, cache, query_slots, key_valid))
+  q, k, v = layer.attn.qkv(layer.attn_input(x), positions)
+  attended = _window_attend(q, k, v, cache, query_slots, key_valid, **layer.attn.kernel_options())
+  x = x + layer.attn_branch(attended)
   return (
-    x + layer.feed_forward_window(layer.post_attn_norm(x), pathway, pathway_mode),
+    x + layer.feed_forward_window(layer.ffn_input(x), pathway, pathway_mode),
     None,
     None,
     cache,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from models import fold
+from models.glu import glu
 
 
 def _forward(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict) -> jax.Array:
@@ -33,9 +34,12 @@ def _forward(x: jax.Array, weights: jax.Array, indices: jax.Array, moe: dict) ->
   token = order // k  # [A] the token of each sorted assignment
   group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
   xs = x[token]  # [A, D]
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, moe['gate'], group_sizes))  # [A, F]
-  h = h * jax.lax.ragged_dot(xs, moe['up'], group_sizes)
-  ys = jax.lax.ragged_dot(h, moe['down'], group_sizes)  # [A, D]
+  expert = flat[order]  # [A] the expert of each sorted assignment (for biases)
+  bias = lambda name: moe[name][expert] if name in moe else 0.0  # [A, F] or [A, D]
+  gate = jax.lax.ragged_dot(xs, moe['gate'], group_sizes) + bias('gate_bias')  # [A, F]
+  up = jax.lax.ragged_dot(xs, moe['up'], group_sizes) + bias('up_bias')
+  h = glu(gate, up, moe)
+  ys = jax.lax.ragged_dot(h, moe['down'], group_sizes) + bias('down_bias')  # [A, D]
   w = weights.reshape(n * k)[order].astype(jnp.float32)  # [A]
   out = jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(ys.astype(jnp.float32) * w[:, None])
   return out.astype(x.dtype)

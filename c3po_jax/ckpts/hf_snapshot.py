@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from c3po_jax.ckpts import fp8, mxfp4
 from models import families, hf_mapping
 from models.config import ConfigError, MoeConfig
 
@@ -117,6 +119,7 @@ def check_finite(name: str, array: np.ndarray, where: str) -> None:
 
 _SAFETENSORS_DTYPES = {
   'BF16': jnp.bfloat16,  # ml_dtypes: numpy reads bf16 without torch
+  'F8_E4M3': jnp.float8_e4m3fn,  # DeepSeek-V3's published weights (`fp8`)
   'F16': np.float16,
   'F32': np.float32,
   'F64': np.float64,
@@ -205,7 +208,20 @@ class HFCheckpoint:
   config: MoeConfig
   params: dict
   consumed: tuple[str, ...]  # HF tensor names placed, in reading order
-  skipped: tuple[str, ...]  # lm_head.weight when the embeddings are tied
+  skipped: tuple[str, ...]  # lm_head.weight when tied; layers past the decoder (`_unread_layers`)
+
+
+_LAYER = re.compile(r'model\.layers\.(\d+)\.')
+
+
+def _unread_layers(hf_dir: str, config: MoeConfig) -> set[int]:
+  """Layers config.json declares past the decoder's: DeepSeek-V3's multi-token prediction.
+
+  `num_nextn_predict_layers` modules (`model.layers.{L}..`, L = num_hidden_layers)
+  predict further tokens in training; scoring a prompt never runs them.
+  """
+  extra = read_json(os.path.join(hf_dir, CONFIG_FILE)).get('num_nextn_predict_layers') or 0
+  return set(range(config.num_hidden_layers, config.num_hidden_layers + int(extra)))
 
 
 def read_hf_checkpoint(hf_dir: str, dtype=None) -> HFCheckpoint:
@@ -218,18 +234,28 @@ def read_hf_checkpoint(hf_dir: str, dtype=None) -> HFCheckpoint:
   paths = hf_weight_files(hf_dir)
   dtype = _stored_dtype(paths) if dtype is None else jnp.dtype(dtype)
   assembler = hf_mapping.ParamAssembler(config, dtype)
+  pairer = mxfp4.Pairer()  # MXFP4 blocks + scales (gpt-oss) -> the dequantized weight
+  fp8_pairer = fp8.Pairer()  # FP8 + 128 x 128 block scales (DeepSeek-V3) -> float32
+  unread = _unread_layers(hf_dir, config)
   skipped = []
   for i, path in enumerate(paths):
     source = os.path.basename(path)
     count = 0
-    for name, array in iter_safetensors(path):
-      if config.tie_word_embeddings and name == 'lm_head.weight':
-        skipped.append(name)  # Tied: the head is the embedding.
+    for stored, packed in fp8_pairer.stream(iter_safetensors(path)):
+      if config.tie_word_embeddings and stored == 'lm_head.weight':
+        skipped.append(stored)  # Tied: the head is the embedding.
         continue
-      check_finite(name, array, source)
-      assembler.add(name, array, source=source)
-      count += 1
-      del array
+      layer = _LAYER.match(stored)
+      if layer and int(layer.group(1)) in unread:
+        skipped.append(stored)
+        continue
+      for name, array in pairer.feed(stored, packed):
+        check_finite(name, array, source)
+        assembler.add(name, array, source=source)
+        count += 1
+      del packed
     logging.info('Read shard %d/%d %s: %d tensors.', i + 1, len(paths), source, count)
+  pairer.finish()
+  fp8_pairer.finish()
   params = assembler.finish()
   return HFCheckpoint(config, params, tuple(assembler.consumed), tuple(skipped))

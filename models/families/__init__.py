@@ -9,10 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import ConfigError, MoeConfig
-from models.families import common, deepseek, mixtral, olmoe, qwen_moe
+from models.families import (
+  common,
+  deepseek,
+  deepseek_v2,
+  flex_olmo,
+  gpt_oss,
+  granite,
+  mixtral,
+  olmoe,
+  qwen_moe,
+)
 from models.families.common import Family, Target
 
 _FAMILIES = (olmoe.FAMILY, deepseek.FAMILY, qwen_moe.FAMILY, mixtral.FAMILY)
+_FAMILIES += (granite.FAMILY, gpt_oss.FAMILY)
+_FAMILIES += (flex_olmo.FAMILY, deepseek_v2.FAMILY)
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
 SUPPORTED = tuple(BY_MODEL_TYPE)
 PRESETS: dict[str, MoeConfig] = {k: v for f in _FAMILIES for k, v in f.presets.items()}

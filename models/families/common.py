@@ -35,6 +35,12 @@ def t_stacked(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.swapaxes(x, 1, 2))
 
 
+def fused_gate_up(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A fused gate_up [E, 2F, D] (gate rows, then up rows) -> (gate, up) [E, D, F] each."""
+  f = x.shape[1] // 2
+  return t_stacked(x[:, :f]), t_stacked(x[:, f:])
+
+
 def same(x: np.ndarray) -> np.ndarray:
   return x
 
@@ -44,8 +50,9 @@ class Target:
   """Where one HF tensor goes.
 
   path: key path into our tree. expert: index on the leading expert axis for
-  per-expert tensors (None: the whole leaf). split: for a fused `gate_up_proj`
-  [E, 2F, D], the paths of its two halves along dim 1 (gate first, then up).
+  per-expert tensors (None: the whole leaf). split: for a fused tensor (e.g.
+  `gate_up_proj` [E, 2F, D]), the paths of the whole leaves it holds, in the
+  order of the tuple `transform` returns (e.g. `fused_gate_up`: gate, up).
   """
 
   path: tuple[str, ...]
@@ -106,7 +113,7 @@ def expert_rules(prefix: str = r'mlp\.') -> list[Rule]:
       LAYER + prefix + r'experts\.gate_up_proj',
       lambda i: Target(
         (_layer(i), 'moe', 'experts', 'gate'),
-        t_stacked,
+        fused_gate_up,
         split=((_layer(i), 'moe', 'experts', 'gate'), (_layer(i), 'moe', 'experts', 'up')),
       ),
     ),
@@ -170,15 +177,34 @@ def check_silu(hf: Mapping[str, Any]) -> None:
     raise ConfigError(f'hidden_act={act!r} is not supported (only silu)')
 
 
-def check_no_sliding_window(hf: Mapping[str, Any]) -> None:
-  """Sliding-window attention is not implemented: refuse configs that use it."""
-  window = hf.get('sliding_window') or None  # transformers writes 0 for none (Qwen2-MoE)
-  used = hf.get('use_sliding_window', window is not None)
-  if used and window is not None and window < hf.get('max_position_embeddings', 0):
-    raise ConfigError(
-      f'sliding_window={window} is not supported (full causal attention only); '
-      'set it to null in config.json if your prompts are shorter than the window'
-    )
+def sliding_fields(hf: Mapping[str, Any], default_layers=None, use_layer_types=True) -> dict:
+  """`sliding_window` and `sliding_layers` of an HF config ({} without a window).
+
+  The window is on when `sliding_window` is set (transformers writes 0 for
+  none) and `use_sliding_window` is not false (Qwen's switch; Mixtral has
+  none). Which layers use it: `layer_types` ('sliding_attention' per layer)
+  where the family's modeling code reads them (`use_layer_types`), else
+  `default_layers` (the family's rule), else every layer.
+  """
+  window = hf.get('sliding_window') or None
+  if window is None or not hf.get('use_sliding_window', True):
+    return {}
+  types = hf.get('layer_types') if use_layer_types else None
+  if types is not None:
+    layers = tuple(i for i, kind in enumerate(types) if kind == 'sliding_attention')
+  elif default_layers is not None:
+    layers = tuple(default_layers)
+  else:
+    layers = tuple(range(hf['num_hidden_layers']))
+  return {'sliding_window': int(window), 'sliding_layers': layers} if layers else {}
+
+
+def layer_types(c: MoeConfig) -> list[str]:
+  """HF `layer_types` of a config: 'sliding_attention' or 'full_attention' per layer."""
+  return [
+    'sliding_attention' if c.attention_window(i) else 'full_attention'
+    for i in range(c.num_hidden_layers)
+  ]
 
 
 def common_fields(hf: Mapping[str, Any], *, rope_default: float, eps_default: float) -> dict:

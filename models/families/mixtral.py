@@ -1,6 +1,7 @@
 """Mixtral (mistralai/Mixtral-8x7B-v0.1, 8x22B).
 
-Differences from the common model: LLaMA attention (no q/k norm, no bias);
+Differences from the common model: LLaMA attention (no q/k norm, no bias),
+with a sliding window on every layer when `sliding_window` is set;
 every layer MoE with `num_local_experts` experts and no shared expert; the
 router takes the top-2 *logits* and a softmax over those two. That is exactly
 softmax over all experts, top-k, then renormalizing the k weights (softmax is
@@ -25,7 +26,6 @@ _W = {'w1': 'gate', 'w3': 'up', 'w2': 'down'}
 
 def from_hf_config(hf: Mapping[str, Any]) -> MoeConfig:
   common.check_silu(hf)
-  common.check_no_sliding_window(hf)
   if hf.get('attention_bias', False):
     raise ConfigError('attention_bias=True is not supported for Mixtral')
   return common.build(
@@ -38,6 +38,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> MoeConfig:
       norm_topk_prob=True,
       head_dim_override=hf.get('head_dim'),
       qk_norm=None,
+      # Mixtral's sliding window, when set, is on every layer.
+      **common.sliding_fields(hf, use_layer_types=False),
       model_type=MODEL_TYPE,
     ),
   )
@@ -51,7 +53,7 @@ def to_hf_config(c: MoeConfig) -> dict[str, Any]:
     'intermediate_size': c.intermediate_size,
     'num_local_experts': c.num_experts,
     'head_dim': c.head_dim,
-    'sliding_window': None,
+    'sliding_window': c.sliding_window,
     'router_jitter_noise': 0.0,
   }
 

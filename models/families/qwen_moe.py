@@ -9,6 +9,9 @@ Differences from the common model:
 * Qwen2-MoE: biases on the q, k, v projections; no q/k norm; one shared
   expert of `shared_expert_intermediate_size` on every token, scaled by
   sigmoid(x @ shared_expert_gate), added to the routed output;
+* sliding window (`use_sliding_window`): Qwen3-MoE on every layer,
+  Qwen2-MoE on the layers `layer_types` names (transformers' default: even
+  layers below `max_window_layers`);
 * Qwen3-MoE: per-head RMSNorm of queries and keys (`qk_norm='head'`), an
   explicit `head_dim` (not hidden / heads), top-k renormalized, no shared
   expert.
@@ -28,7 +31,6 @@ QWEN3_MOE = 'qwen3_moe'
 
 def _qwen_fields(hf: Mapping[str, Any]) -> dict:
   common.check_silu(hf)
-  common.check_no_sliding_window(hf)
   return dict(
     **common.common_fields(hf, rope_default=1e6, eps_default=1e-6),
     intermediate_size=hf['intermediate_size'],
@@ -41,6 +43,12 @@ def _qwen_fields(hf: Mapping[str, Any]) -> dict:
   )
 
 
+def _qwen2_sliding_layers(hf: Mapping[str, Any]) -> tuple[int, ...]:
+  """Qwen2-MoE's windowed layers without `layer_types`: transformers' rule (even i < max_window_layers)."""
+  n = hf['num_hidden_layers']
+  return tuple(i for i in range(n) if (i + 1) % 2 and i < hf.get('max_window_layers', n))
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> MoeConfig:
   if hf.get('model_type') == QWEN3_MOE:
     if hf.get('attention_bias', False):
@@ -51,6 +59,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> MoeConfig:
         **_qwen_fields(hf),
         head_dim_override=hf.get('head_dim'),
         qk_norm='head',
+        # transformers' Qwen3-MoE windows every layer (it does not read layer_types).
+        **common.sliding_fields(hf, use_layer_types=False),
         model_type=QWEN3_MOE,
       ),
     )
@@ -64,6 +74,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> MoeConfig:
       num_shared_experts=1 if shared else 0,
       shared_intermediate_size=shared,
       shared_expert_gate=bool(shared),
+      **common.sliding_fields(hf, _qwen2_sliding_layers(hf)),
       model_type=QWEN2_MOE,
     ),
   )
@@ -83,8 +94,8 @@ def to_hf_config(c: MoeConfig) -> dict[str, Any]:
     'moe_intermediate_size': c.expert_intermediate_size,
     'num_experts': c.num_experts,
     'norm_topk_prob': c.norm_topk_prob,
-    'use_sliding_window': False,
-    'sliding_window': None,
+    'use_sliding_window': bool(c.sliding_layers),
+    'sliding_window': c.sliding_window,
     **_sparse_layout(c),
   }
   if c.model_type == QWEN3_MOE:
@@ -100,6 +111,7 @@ def to_hf_config(c: MoeConfig) -> dict[str, Any]:
     'model_type': QWEN2_MOE,
     **out,
     'shared_expert_intermediate_size': c.shared_intermediate_size,
+    'layer_types': common.layer_types(c),
     'qkv_bias': c.qkv_bias,
   }
 

@@ -19,27 +19,49 @@ from flax import nnx
 
 from models.config import MoeConfig
 from models.nn.layers import Attention, Embedding, RMSNorm, attend, normal_param
+from models.nn.mla import LatentAttention
 from models.nn.moe import MLP, MoeBlock
 
 
 @flax.struct.dataclass
 class LayerCache:
-  """Keys and values of one layer. k, v [B, S, KV, Dh]."""
+  """Keys and values of one layer. k [B, S, KV, Dh], v [B, S, KV, Dv] (Dv = Dh but in MLA)."""
 
   k: jax.Array
   v: jax.Array
 
+  @classmethod
+  def empty(cls, config: MoeConfig, batch: int, slots: int, dtype) -> LayerCache:
+    """A zero cache of `slots` slots per row."""
+    kv = config.num_key_value_heads
+    return cls(
+      k=jnp.zeros((batch, slots, kv, config.head_dim), dtype),
+      v=jnp.zeros((batch, slots, kv, config.v_head_dim), dtype),
+    )
+
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm attention + feed-forward: MoE (`moe`) or, in dense layers, an MLP (`mlp`)."""
+  """Attention + feed-forward: MoE (`moe`) or, in dense layers, an MLP (`mlp`).
+
+  Pre-norm (input_norm before attention, post_attn_norm before the
+  feed-forward) or, with `post_norm`, OLMo-2's order: post_attn_norm on the
+  attention output, post_ffn_norm on the feed-forward output, no input
+  norms. Attention is grouped-query or, with `kv_lora_rank`, latent (MLA).
+  """
 
   def __init__(self, config: MoeConfig, index: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.config = config
     self.is_moe = config.is_moe_layer(index)
     d = config.hidden_size
-    self.input_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(config, rngs=rngs, dtype=dtype)
+    if not config.post_norm:
+      self.input_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype)
+    if config.kv_lora_rank is not None:
+      self.attn = LatentAttention(config, rngs=rngs, dtype=dtype)
+    else:
+      self.attn = Attention(config, rngs=rngs, dtype=dtype, layer=index)
     self.post_attn_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype)
+    if config.post_norm:
+      self.post_ffn_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype)
     if self.is_moe:
       self.moe = MoeBlock(config, rngs=rngs, dtype=dtype)
     else:
@@ -49,19 +71,43 @@ class DecoderLayer(nnx.Module):
     """h [B, T, D] normed -> (out, router logits, probs [B, T, E]).
 
     A dense layer has no router: its logits are 0 and its probabilities
-    uniform, constant rows that carry no routing information.
+    uniform, constant rows that carry no routing information. The output is
+    the residual branch, x residual_multiplier.
     """
     if self.is_moe:
-      return self.moe(h, last_index=last_index, pathway=pathway, pathway_mode=pathway_mode)
+      out, logits, probs = self.moe(
+        h, last_index=last_index, pathway=pathway, pathway_mode=pathway_mode
+      )
+      return self._branch(out), logits, probs
     e = self.config.num_experts
     logits = jnp.zeros(h.shape[:-1] + (e,), jnp.float32)
-    return self.mlp(h), logits, jnp.full_like(logits, 1.0 / e)
+    return self._branch(self.mlp(h)), logits, jnp.full_like(logits, 1.0 / e)
 
   def feed_forward_window(self, h, pathway, pathway_mode):
     """The feed-forward on window tokens h [B, U, D] (pathway token first)."""
     if self.is_moe:
-      return self.moe.window(h, pathway, pathway_mode)
-    return self.mlp(h)
+      return self._branch(self.moe.window(h, pathway, pathway_mode))
+    return self._branch(self.mlp(h))
+
+  def _branch(self, y: jax.Array) -> jax.Array:
+    """The feed-forward branch's output: normed (post_norm), x residual_multiplier (Granite)."""
+    if self.config.post_norm:
+      y = self.post_ffn_norm(y)
+    m = self.config.residual_multiplier
+    return y if m == 1.0 else y * jnp.asarray(m, y.dtype)
+
+  def attn_input(self, x: jax.Array) -> jax.Array:
+    """The residual stream as attention reads it (normed, unless post_norm)."""
+    return x if self.config.post_norm else self.input_norm(x)
+
+  def ffn_input(self, x: jax.Array) -> jax.Array:
+    """The residual stream as the feed-forward reads it (normed, unless post_norm)."""
+    return x if self.config.post_norm else self.post_attn_norm(x)
+
+  def attn_branch(self, attended: jax.Array) -> jax.Array:
+    """Attention's output [B, T, H*Dv] -> the residual branch [B, T, D] (normed with post_norm)."""
+    y = self.attn.out(attended)
+    return self.post_attn_norm(y) if self.config.post_norm else y
 
   def __call__(
     self,
@@ -94,8 +140,7 @@ class DecoderLayer(nnx.Module):
     Returns:
       (x [B, T, D], router logits [B, T, E], probs [B, T, E], new cache or None).
     """
-    h = self.input_norm(x)
-    q, k, v = self.attn.qkv(h, positions)
+    q, k, v = self.attn.qkv(self.attn_input(x), positions)
     if cache is None:
       keys, values = k, v
     else:
@@ -112,9 +157,10 @@ class DecoderLayer(nnx.Module):
       values = jnp.concatenate([kv_prefix.v.astype(values.dtype), values], axis=1)
       key_valid = jnp.concatenate([jnp.ones((x.shape[0], n), bool), key_valid], axis=1)
       query_slots = query_slots + n
-    x = x + self.attn.out(attend(q, keys, values, query_slots, key_valid))
+    attended = attend(q, keys, values, query_slots, key_valid, **self.attn.kernel_options())
+    x = x + self.attn_branch(attended)
     out, logits, probs = self.feed_forward(
-      self.post_attn_norm(x), last_index=last_index, pathway=pathway, pathway_mode=pathway_mode
+      self.ffn_input(x), last_index=last_index, pathway=pathway, pathway_mode=pathway_mode
     )
     return x + out, logits, probs, cache
 
@@ -128,7 +174,13 @@ class Transformer(nnx.Module):
 
   def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.config = config
-    self.embed = Embedding(config.vocab_size, config.hidden_size, rngs=rngs, dtype=dtype)
+    self.embed = Embedding(
+      config.vocab_size,
+      config.hidden_size,
+      rngs=rngs,
+      dtype=dtype,
+      multiplier=config.embedding_multiplier,
+    )
     for i in range(config.num_hidden_layers):
       setattr(self, layer_name(i), DecoderLayer(config, i, rngs=rngs, dtype=dtype))
     self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
@@ -139,16 +191,19 @@ class Transformer(nnx.Module):
     return getattr(self, layer_name(i))
 
   def head_weight(self) -> jax.Array:
-    """[D, V]: the LM head, or the transposed embedding when tied."""
-    if self.config.tie_word_embeddings:
-      return self.embed.embedding[...].T
-    return self.lm_head[...]
+    """[D, V]: the LM head, or the transposed embedding when tied; / logits_scaling (Granite)."""
+    w = self.embed.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+    return self._unscaled(w)
 
   def head_rows(self, ids: jax.Array) -> jax.Array:
-    """LM-head columns of the given token ids, as rows [..., D]."""
+    """LM-head columns of the given token ids, as rows [..., D] (h . row is the logit)."""
     if self.config.tie_word_embeddings:
-      return self.embed(ids)
-    return jnp.moveaxis(self.lm_head[...][:, ids], 0, -1)
+      return self._unscaled(self.embed.embedding[...][ids])
+    return self._unscaled(jnp.moveaxis(self.lm_head[...][:, ids], 0, -1))
+
+  def _unscaled(self, w: jax.Array) -> jax.Array:
+    s = self.config.logits_scaling
+    return w if s == 1.0 else w / jnp.asarray(s, w.dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[..., D] -> [..., V] float32 logits."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import MoeConfig
+from models.nn import rope as rope_lib
 
 # Masked attention scores: finite, so a query row with no valid key (a padded
 # position) yields a uniform distribution instead of NaN.
@@ -45,13 +46,17 @@ class RMSNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-  """Token embedding [V, D]; `rows` also serves a tied LM head."""
+  """Token embedding [V, D], scaled by `multiplier` (Granite); the table also serves a tied LM head."""
 
-  def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(
+    self, vocab: int, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32, multiplier: float = 1.0
+  ):
     self.embedding = normal_param(rngs, (vocab, width), dtype)
+    self.multiplier = multiplier
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return self.embedding[...][ids]
+    x = self.embedding[...][ids]
+    return x if self.multiplier == 1.0 else x * jnp.asarray(self.multiplier, x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -66,12 +71,45 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + rotated * sin
 
 
+def causal_visible(
+  query_slots: jax.Array, key_slots: jax.Array, window: int | None = None
+) -> jax.Array:
+  """query_slots [B, T], key_slots [B, S] -> [B, T, S]: key slot <= query slot, within the window.
+
+  With a sliding window a query sees the `window` most recent slots, its own
+  included (HF's `sliding_window_overlay`: key > query - window).
+  """
+  q, k = query_slots[:, :, None], key_slots[:, None, :]
+  visible = k <= q
+  if window is not None:
+    visible = visible & (k > q - window)
+  return visible
+
+
+def attention_probs(scores: jax.Array, sinks: jax.Array | None = None) -> jax.Array:
+  """Masked float32 scores [B, KV, G, T, S] -> softmax over S.
+
+  sinks [H] (gpt-oss): one more logit per head in each row's denominator,
+  attending to nothing; its probability is dropped, so a row's weights sum
+  to less than 1.
+  """
+  if sinks is None:
+    return jax.nn.softmax(scores, axis=-1)
+  b, kv, g, t, _ = scores.shape
+  sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv, g, 1, 1), (b, kv, g, t, 1))
+  return jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+
+
 def attend(
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
   query_slots: jax.Array,
   key_valid: jax.Array,
+  *,
+  scale: float | None = None,
+  window: int | None = None,
+  sinks: jax.Array | None = None,
 ) -> jax.Array:
   """Causal grouped-query attention over key slots.
 
@@ -80,6 +118,9 @@ def attend(
     k, v: [B, S, KV, Dh] keys and values (slot s holds sequence position s).
     query_slots: [B, T] slot of each query; it sees slots <= its own.
     key_valid: [B, S] bool, False for padding and empty cache slots.
+    scale: score multiplier (None: Dh ** -0.5).
+    window: sliding window in slots (`causal_visible`), or None.
+    sinks: [H] attention-sink logits (`attention_probs`), or None.
 
   Returns:
     [B, T, H*Dh].
@@ -88,13 +129,13 @@ def attend(
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, dh)  # [B, T, KV, G, Dh]
   scores = jnp.einsum('btkgd,bskd->bkgts', q, k).astype(jnp.float32)
-  scores = scores * dh**-0.5
-  slots = jnp.arange(k.shape[1])
-  mask = (slots[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
+  scores = scores * (dh**-0.5 if scale is None else scale)
+  slots = jnp.broadcast_to(jnp.arange(k.shape[1])[None], key_valid.shape)  # [B, S]
+  mask = causal_visible(query_slots, slots, window) & key_valid[:, None, :]
   scores = jnp.where(mask[:, None, None], scores, MASKED)  # [B, KV, G, T, S]
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = attention_probs(scores, sinks).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
-  return out.reshape(b, t, h * dh)
+  return out.reshape(b, t, -1)  # [B, T, H*Dv]
 
 
 class Attention(nnx.Module):
@@ -102,13 +143,16 @@ class Attention(nnx.Module):
 
   q [D, H*Dh], k and v [D, KV*Dh], o [H*Dh, D]; with `qkv_bias`, q/k/v biases;
   with `qk_norm`, q_norm and k_norm RMSNorms over all heads ('full', width
-  H*Dh) or per head ('head', width Dh). The attention kernel itself
+  H*Dh) or per head ('head', width Dh). With `o_bias`, an
+  output bias; with `attention_sinks`, sinks [H]. The attention kernel itself
   (`attend`, or the prefix window's) is the caller's: `qkv` and `out` are the
-  two halves around it.
+  two halves around it, `kernel_options` what this layer's kernel takes
+  (score scale, sliding window, sinks).
   """
 
-  def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, layer: int = 0):
     self.config = config
+    self.window = config.attention_window(layer)
     d, qw, kw = config.hidden_size, config.q_width, config.kv_width
     self.q = normal_param(rngs, (d, qw), dtype)
     self.k = normal_param(rngs, (d, kw), dtype)
@@ -118,6 +162,10 @@ class Attention(nnx.Module):
       self.q_bias = nnx.Param(jnp.zeros((qw,), dtype))
       self.k_bias = nnx.Param(jnp.zeros((kw,), dtype))
       self.v_bias = nnx.Param(jnp.zeros((kw,), dtype))
+    if config.o_bias:
+      self.o_bias = nnx.Param(jnp.zeros((d,), dtype))
+    if config.attention_sinks:
+      self.sinks = nnx.Param(jnp.zeros((config.num_attention_heads,), dtype))
     if config.qk_norm == 'full':
       self.q_norm = RMSNorm(qw, config.rms_norm_eps, dtype=dtype)
       self.k_norm = RMSNorm(kw, config.rms_norm_eps, dtype=dtype)
@@ -144,8 +192,24 @@ class Attention(nnx.Module):
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
     if c.qk_norm == 'head':
       q, k = self.q_norm(q), self.k_norm(k)
+    if c.rope_scaling:  # YaRN (gpt-oss): scaled frequencies, cos/sin x the attention factor
+      inv_freq, scale = rope_lib.frequencies(
+        c.head_dim, c.rope_theta, dict(c.rope_scaling), c.max_position_embeddings
+      )
+      turn = lambda a: rope_lib.apply(a, positions, inv_freq, scale, interleave=False)
+      return turn(q), turn(k), v
     return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
 
+  def kernel_options(self) -> dict:
+    """Keyword arguments of `attend` for this layer: scale, window, sinks."""
+    c = self.config
+    sinks = self.sinks[...] if c.attention_sinks else None
+    return {'scale': c.attention_multiplier, 'window': self.window, 'sinks': sinks}
+
   def out(self, attended: jax.Array) -> jax.Array:
-    """[B, T, H*Dh] -> [B, T, D]."""
-    return attended @ self.o[...]
+    """[B, T, H*Dh] -> [B, T, D], the residual branch (x residual_multiplier)."""
+    c = self.config
+    y = attended @ self.o[...]
+    if c.o_bias:
+      y = y + self.o_bias[...]
+    return y if c.residual_multiplier == 1.0 else y * jnp.asarray(c.residual_multiplier, y.dtype)

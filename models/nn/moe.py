@@ -24,20 +24,36 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import dispatch, routing
+from models import dispatch, expert_choice, routing
 from models.config import MoeConfig
 from models.nn.layers import normal_param
 
 
 class Router(nnx.Module):
-  """kernel [D, E]: router logits, then float32 softmax probabilities."""
+  """kernel [D, E]: router logits, then float32 probabilities (`expert_choice`).
+
+  With `score_correction_bias`, also correction_bias [E]: added to the
+  scores when experts are selected, never to their weights.
+  """
 
   def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.config = config
     self.kernel = normal_param(rngs, (config.hidden_size, config.num_experts), dtype)
+    if config.score_correction_bias:
+      self.correction_bias = nnx.Param(jnp.zeros((config.num_experts,), jnp.float32))
+    if config.router_bias:  # gpt-oss: part of the logits
+      self.logit_bias = nnx.Param(jnp.zeros((config.num_experts,), dtype))
 
   def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """h [B, T, D] -> (logits [B, T, E], probs [B, T, E]), both float32."""
-    return routing.router_probs(h, self.kernel[...])
+    logit_bias = self.logit_bias[...] if self.config.router_bias else None
+    logits, probs = routing.router_probs(h, self.kernel[...], logit_bias)
+    if self.config.scoring_func != 'softmax':
+      probs = expert_choice.probabilities(logits, self.config)
+    return logits, probs
+
+  def bias(self) -> jax.Array | None:
+    return self.correction_bias[...] if self.config.score_correction_bias else None
 
 
 class MLP(nnx.Module):
@@ -57,13 +73,26 @@ class Experts(nnx.Module):
 
   def __init__(self, config: MoeConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     e, d, f = config.num_experts, config.hidden_size, config.expert_intermediate_size
+    self.config = config
     self.dispatch = config.dispatch
     self.gate = normal_param(rngs, (e, d, f), dtype)
     self.up = normal_param(rngs, (e, d, f), dtype)
     self.down = normal_param(rngs, (e, f, d), dtype)
+    if config.expert_bias:  # gpt-oss: gate_bias, up_bias [E, F], down_bias [E, D]
+      self.gate_bias = nnx.Param(jnp.zeros((e, f), dtype))
+      self.up_bias = nnx.Param(jnp.zeros((e, f), dtype))
+      self.down_bias = nnx.Param(jnp.zeros((e, d), dtype))
 
   def weights(self) -> dict:
-    return {'gate': self.gate[...], 'up': self.up[...], 'down': self.down[...]}
+    """The dispatch's weights dict (`models.glu`: biases and the clamped gate when configured)."""
+    c = self.config
+    w = {'gate': self.gate[...], 'up': self.up[...], 'down': self.down[...]}
+    if c.expert_bias:
+      w.update(gate_bias=self.gate_bias[...], up_bias=self.up_bias[...])
+      w['down_bias'] = self.down_bias[...]
+    if c.swiglu_limit is not None:
+      w['glu_clamp'] = jnp.array([c.swiglu_alpha, c.swiglu_limit], jnp.float32)
+    return w
 
   def __call__(
     self, x: jax.Array, weights: jax.Array, indices: jax.Array, fold_vmap: bool = False
@@ -97,9 +126,20 @@ class MoeBlock(nnx.Module):
       shared = jax.nn.sigmoid(h @ self.shared_gate[...]) * shared  # [..., 1] gate
     return out + shared
 
-  def _top_k(self, probs: jax.Array):
+  def _route(self, h: jax.Array, index: jax.Array, pathway: jax.Array | None):
+    """h [B, T, D] -> (logits, probs [B, T, E], weights, indices [B, T, K], mass [B, 1]).
+
+    The pathway replaces token index [B]'s row (`expert_choice.override`);
+    mass is that token's affinity mass (dense-mode coefficients need it).
+    """
     c = self.config
-    return routing.top_k(probs, c.num_experts_per_tok, c.norm_topk_prob)  # [..., K]
+    logits, probs = self.router(h)
+    scores = expert_choice.scores(logits, probs, c)
+    mass = expert_choice.mass(expert_choice.at(scores, index), c)  # [B, 1]
+    if pathway is not None:
+      scores, probs = expert_choice.override(scores, probs, index, pathway, c)
+    weights, indices = expert_choice.choose(scores, self.router.bias(), c)  # [B, T, K]
+    return logits, probs, weights, indices, mass
 
   def __call__(
     self,
@@ -111,21 +151,22 @@ class MoeBlock(nnx.Module):
   ):
     """Normed hidden states h [B, T, D] -> (out [B, T, D], logits, used probs [B, T, E])."""
     b, t, d = h.shape
-    logits, probs = self.router(h)
-    if pathway is not None:
-      probs = routing.override_last_token(probs, last_index, pathway)
-    weights, indices = self._top_k(probs)  # [B, T, K]
+    logits, probs, weights, indices, mass = self._route(h, last_index, pathway)
     k = weights.shape[-1]
     flat = (h.reshape(b * t, d), weights.reshape(b * t, k), indices.reshape(b * t, k))
     # With a pathway the call is C3PO's, usually vmapped over test samples.
     out = self.experts(*flat, fold_vmap=pathway is not None).reshape(b, t, d)
     if pathway is not None and pathway_mode == 'dense':
-      # The last token mixes every expert with non-zero weight, without top-k.
-      coeff = routing.dense_coefficients(pathway, self.config.norm_topk_prob)  # [B, E]
-      h_last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]  # [B, D]
-      out_last = dispatch.moe_dense(h_last, coeff, self.experts.weights())  # [B, D]
-      is_last = routing.last_token_mask(last_index, t)[..., None]  # [B, T, 1]
-      out = jnp.where(is_last, out_last[:, None, :], out)
+      # The pathway tokens mix every expert with non-zero weight, without top-k.
+      sites = last_index[:, None] if last_index.ndim == 1 else last_index  # [B, U]
+      u = sites.shape[1]
+      coeff = expert_choice.dense_coefficients(pathway, mass, self.config)  # [B, (U,) E]
+      coeff = jnp.broadcast_to(coeff.reshape(b, -1, coeff.shape[-1]), (b, u, coeff.shape[-1]))
+      h_sites = jnp.take_along_axis(h, sites[:, :, None], axis=1)  # [B, U, D]
+      out_sites = dispatch.moe_dense(
+        h_sites.reshape(b * u, d), coeff.reshape(b * u, -1), self.experts.weights()
+      ).reshape(b, u, d)
+      out = routing.place_rows(out, sites, out_sites)
     return self._add_shared(h, out), logits, probs
 
   def window(self, h: jax.Array, pathway: jax.Array | None, pathway_mode: str) -> jax.Array:
@@ -139,10 +180,7 @@ class MoeBlock(nnx.Module):
     pathway row (zero off the core).
     """
     b, u, d = h.shape
-    _, probs = self.router(h)
-    if pathway is not None:
-      probs = routing.override_last_token(probs, jnp.zeros((b,), jnp.int32), pathway)
-    weights, indices = self._top_k(probs)  # [B, U, K]
+    _, _, weights, indices, mass = self._route(h, jnp.zeros((b,), jnp.int32), pathway)
     k = weights.shape[-1]
     experts = self.experts.weights()
 
@@ -154,7 +192,7 @@ class MoeBlock(nnx.Module):
     if pathway is None or pathway_mode != 'dense':
       out = routed(h, weights, indices)
     else:  # the pathway token mixes its row; the others (rc continuations) are routed
-      dense_row = routing.dense_coefficients(pathway, self.config.norm_topk_prob)  # [B, E]
+      dense_row = expert_choice.dense_coefficients(pathway, mass, self.config)  # [B, E]
       out = self.experts.mix(h[:, 0], dense_row)[:, None]  # [B, 1, D]
       if u > 1:
         rest = routed(h[:, 1:], weights[:, 1:], indices[:, 1:])
