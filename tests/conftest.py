@@ -1,10 +1,49 @@
-"""Shared test fixtures: JAX on CPU in float32, tiny random HF OLMoE models."""
+"""Shared test setup: JAX on CPU in float32, one compilation cache per run, tiny models.
+
+Most of the suite's time is XLA compiling the same small programs in test after
+test (and in the subprocesses of the end-to-end tests). JAX's persistent
+compilation cache is pointed at one temporary directory per pytest run, set in
+the environment before JAX is imported, so the xdist workers and every
+subprocess they start read and write the same cache; it is removed when the
+run ends. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is (and
+kept).
+
+The session fixtures below are the things many test files build: treat what
+they return as read-only (copy a checkpoint directory before editing it).
+"""
 
 import os
+import shutil
+import tempfile
+
+import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+_OWN_CACHE = None
+if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  # Only the first process creates it (the xdist controller, or a plain run);
+  # workers and subprocesses inherit the variable.
+  _OWN_CACHE = tempfile.mkdtemp(prefix='jax-compilation-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+# Cache every program, however quick to compile or small.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 import jax  # noqa: E402
 
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 # Parity against PyTorch float32 needs full-precision matmuls.
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory) -> str:
+  """A tiny random OLMoE checkpoint for the real OLMoE tokenizer (seed 0), shared read-only."""
+  from c3po_jax.testing.checkpoints import make_checkpoint
+
+  return make_checkpoint(tmp_path_factory.mktemp('tiny_checkpoint') / 'tiny')
