@@ -149,6 +149,7 @@ def test_no_flag_run_is_the_embedded_demo(tmp_path):
     rows = results.read_rows(str(out / family / 'results.jsonl'))
     assert len(rows) == 2 * len(methods)
   assert all(f in proc.stdout for f in families) and 'oracle' in proc.stdout
+  assert (out / 'accuracy.png').exists() and (out / 'ngd_steps.png').exists()  # pooled
 
 
 def test_suite_settings_reject_unknown_fields():
