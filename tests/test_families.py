@@ -27,10 +27,11 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from c3po_jax.ckpts import checkpoint, convert, hf_snapshot  # noqa: E402
+from c3po_jax.ckpts import hf_snapshot  # noqa: E402
+from c3po_jax.testing import family_checks as checks  # noqa: E402
 from c3po_jax.testing import hf_families as hf  # noqa: E402
 from c3po_jax.testing.hf_models import padded_batch  # noqa: E402
-from models import families, hf_mapping, transformer  # noqa: E402
+from models import families, transformer  # noqa: E402
 from models.families import deepseek, mixtral, olmoe, qwen_moe  # noqa: E402
 
 TOL = 1e-4  # float32 vs PyTorch float32
@@ -57,27 +58,7 @@ def _report():
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
   """family -> (torch model, hf dir, hf config dict, ConversionResult, config, params)."""
-  cache = {}
-
-  def get(family):
-    if family not in cache:
-      root = tmp_path_factory.mktemp(family)
-      hf_dir = str(root / 'hf')
-      model, hf_config = BUILDERS[family](hf_dir)
-      result = convert.convert(hf_dir, str(root / 'ours'), dtype='float32')
-      config, params = checkpoint.load_checkpoint(result.output_dir)
-      cache[family] = (model, hf_dir, hf_config, result, config, params)
-    return cache[family]
-
-  return get
-
-
-def _reference_logits(model, tokens, mask):
-  ids = torch.from_numpy(tokens).long()
-  attn = torch.from_numpy(mask).long()
-  positions = (attn.cumsum(-1) - 1).clamp(min=0)  # as our model: padding-free positions
-  with torch.no_grad():
-    return model(input_ids=ids, attention_mask=attn, position_ids=positions).logits.numpy()
+  return checks.converter(tmp_path_factory, BUILDERS)
 
 
 @pytest.mark.parametrize('left', [False, True], ids=['right', 'left'])
@@ -85,7 +66,7 @@ def _reference_logits(model, tokens, mask):
 def test_logits_match_the_transformers_reference(converted, family, left):
   model, _, _, _, config, params = converted(family)
   tokens, mask = padded_batch(3, config.vocab_size, LENGTHS, T, 0, left)
-  want = _reference_logits(model, tokens, mask)
+  want = checks.reference_logits(model, tokens, mask)
   got = _forward(params, jnp.asarray(tokens), config=config, attention_mask=jnp.asarray(mask))
   real = mask.astype(bool)
   diff = float(np.max(np.abs(np.asarray(got.logits)[real] - want[real])))
@@ -177,15 +158,8 @@ def _full_hf_shapes(family: str) -> dict:
     with torch.device('meta'):
       model = hf.build_deepseek_reference(hf_config)
     state = hf.deepseek_to_remote_names(model.state_dict(), hf_config['n_routed_experts'])
-  else:
-    import transformers
-    from transformers.core_model_loading import revert_weight_conversion
-
-    hf_cfg = transformers.AutoConfig.for_model(**hf_config)
-    with torch.device('meta'):
-      model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-    state = revert_weight_conversion(model, model.state_dict())
-  return {name: tuple(t.shape) for name, t in state.items()}
+    return {name: tuple(t.shape) for name, t in state.items()}
+  return checks.hf_meta_shapes(hf_config)
 
 
 @pytest.mark.parametrize('family', list(FULL))
@@ -193,17 +167,7 @@ def test_full_size_config_layout_equals_the_hf_tensors(family):
   """The published config.json gives our preset; its HF tensors fill our layout exactly."""
   name, preset = FULL[family]
   assert families.from_hf_config(hf.FULL_SIZE_HF_CONFIGS[name]) == preset
-  hf_shapes = _full_hf_shapes(family)
-  nothing = np.dtype([])  # itemsize 0: the real shapes, no memory
-  assembler = hf_mapping.ParamAssembler(preset, nothing)
-  for tensor, shape in hf_shapes.items():
-    assembler.add(tensor, np.empty(shape, nothing))
-  placed = assembler.finish()
-  assert sorted(assembler.consumed) == sorted(hf_shapes)
-  assert jax.tree.map(lambda x: x.shape, placed) == transformer.param_shapes(preset)
-  shapes = jax.tree.leaves(transformer.param_shapes(preset), is_leaf=lambda x: isinstance(x, tuple))
-  count = sum(int(np.prod(s)) for s in shapes)
-  assert count == sum(int(np.prod(s)) for s in hf_shapes.values())
+  count = checks.full_size_layout(preset, _full_hf_shapes(family))
   print(f'\n{name}: {count:,} parameters')
   if family == 'olmoe':
     assert count == 6_919_161_856
@@ -231,36 +195,9 @@ def test_c3po_runs_on_the_family_and_identity_keeps_base(tmp_path, family):
   its scores equal base's; NGD runs on the last two MoE layers (for
   DeepSeekMoE's dense first layer that is what 'last:2' counts).
   """
-  from c3po_jax.run import pipeline, results
-  from c3po_jax.run.config import RunConfig
-
   hf_dir = str(tmp_path / 'hf')
   BUILDERS[family](hf_dir, vocab_size=50304)
-  rc = RunConfig.make(
-    checkpoint_dir=hf_dir,
-    benchmark='arc_challenge',
-    reference=('openbookqa',),
-    methods=('base', 'kernel_regression', 'ngd'),
-    kr_alpha=1.0,
-    ngd_steps=2,
-    max_test_samples=2,
-    max_reference_samples=16,
-    batch_size=2,
-    critical_layers='last:2',
-    core_experts=4,
-    max_similarity=1.0,
-    output_dir=str(tmp_path / 'run'),
-    cache_dir=str(tmp_path / 'cache'),
-  )
-  pipeline.run(rc)
-  rows = results.read_rows(str(tmp_path / 'run' / 'results.jsonl'))
-  by = {(r['method'], r['id']): r for r in rows}
-  ids = sorted({r['id'] for r in rows})
-  assert len(ids) == 2 and len(rows) == 6
-  for i in ids:
-    base, kr = by['base', i], by['kernel_regression', i]
-    np.testing.assert_allclose(kr['choice_scores'], base['choice_scores'], atol=2e-4)
-    assert np.all(np.isfinite(by['ngd', i]['choice_scores']))
+  checks.pipeline_keeps_base(hf_dir, str(tmp_path))
 
 
 @pytest.mark.parametrize(
