@@ -142,6 +142,27 @@ def test_router_equals_the_transformers_router(family):
   assert (np.sort(np.asarray(i_plain), -1) != np.sort(np.asarray(i), -1)).any()
 
 
+def test_sigmoid_pathway_rows_keep_each_tokens_affinity_mass():
+  """V3's override: the base rows given back change nothing; a new row is scaled by the token's mass.
+
+  For one pathway token per row (index [B]) and several (index [B, U]).
+  """
+  config = _tiny_config('deepseek_v3')
+  logits = 2.0 * jax.random.normal(jax.random.key(7), (2, 6, config.num_experts))
+  probs = expert_choice.probabilities(logits, config)
+  scores = expert_choice.scores(logits, probs, config)
+  for index in (jnp.asarray([4, 2]), jnp.asarray([[1, 4], [0, 2]])):
+    rows = expert_choice.at(probs, index)
+    got_scores, got_probs = expert_choice.override(scores, probs, index, rows, config)
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
+    np.testing.assert_allclose(got_probs, probs, rtol=1e-6)
+  uniform = jnp.ones((2, config.num_experts))
+  got, _ = expert_choice.override(scores, probs, jnp.asarray([4, 2]), uniform, config)
+  mass = jnp.sum(scores[0, 4])
+  np.testing.assert_allclose(got[0, 4], jnp.full((config.num_experts,), mass / 8), rtol=1e-6)
+  np.testing.assert_array_equal(got[0, :4], scores[0, :4])
+
+
 def _native_rows(config, params, out, layer):
   """The base routing of each row's last token at `layer`: probs [B, E], chosen [B, K]."""
   idx = jnp.asarray(out.last_index)
