@@ -151,3 +151,16 @@ def test_setting_keys_normalize_equal_settings():
   assert store.effective(a, DEMO) == store.effective(b, DEMO)
   c = b.replace(kernel='linear')
   assert store.effective(c, DEMO) != store.effective(b, DEMO)
+
+
+def test_complete_keeps_settings_every_benchmark_has():
+  from c3po_jax.ablate import report, study
+
+  grid = {'kernels': studies.kernels(), 'steps': studies.steps('own')}
+  full = {('kernels', 'linear'): [], ('kernels', 'matern'): [], ('steps', '3'): []}
+  benches = [
+    study.Benchmark('a', [], dict(full), 1.0, 1.0),
+    study.Benchmark('b', [], {('kernels', 'linear'): []}, 1.0, 1.0),
+  ]
+  kept = report.complete(grid, benches)
+  assert list(kept) == ['kernels'] and [s.label for s in kept['kernels']] == ['linear']

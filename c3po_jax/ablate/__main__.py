@@ -32,6 +32,9 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
   'settings_per_study', 0, 'Run only the first N settings of each study (0: all).'
 )
+flags.DEFINE_bool(
+  'stored_only', False, 'Run nothing new: report the settings already in --output_dir.'
+)
 DEFAULT_OUTPUT = 'runs/ablate'
 
 
@@ -57,7 +60,10 @@ def main(argv):
     name: studies.grid(name, runner.config, schedule=F.steps_schedule, limit=F.settings_per_study)
     for name in F.studies
   }
-  benches, config = study.run(rc, grids, suite_dir=suite, split=F.suite_split, runner=runner)
+  benches, config = study.run(
+    rc, grids, suite_dir=suite, split=F.suite_split, runner=runner, stored_only=F.stored_only
+  )
+  grids = report.complete(grids, benches)  # with --stored_only: the settings run so far
   result = report.build(benches, config, rc, grids, F.steps_schedule)
   result['wall_seconds'] = round(time.time() - started, 1)
   result['run_config'] = rc.flat()

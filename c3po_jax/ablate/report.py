@@ -42,6 +42,16 @@ def _flops(config, rc, benches, setting: studies.Setting) -> dict:
   )
 
 
+def complete(grids: dict, benches) -> dict:
+  """The grids less the settings some benchmark has no records of; studies left empty dropped."""
+  out = {}
+  for study, grid in grids.items():
+    done = [s for s in grid if all((study, s.label) in b.records for b in benches)]
+    if done:
+      out[study] = done
+  return out
+
+
 def notes(config, rc, grids: dict) -> list[str]:
   """Where the model's shape makes a study degenerate, and what runs instead."""
   out = []

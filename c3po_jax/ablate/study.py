@@ -51,8 +51,12 @@ def run(
   suite_dir: str | None = None,
   split: str = 'test',
   runner=None,
+  stored_only: bool = False,
 ) -> tuple[list[Benchmark], object]:
-  """Runs every setting of `grids` on every benchmark; returns them and the model config."""
+  """Runs every setting of `grids` on every benchmark; returns them and the model config.
+
+  stored_only: run nothing new; report the settings already in the store.
+  """
   plan = benchmarks(rc, suite_dir, split)
   runner = runner or pipeline.open_runner(rc)
   models = context.Models(runner)
@@ -93,6 +97,9 @@ def run(
         key = store.key(parts)
         got = results.get(key)
         status = 'stored'
+        if got is None and stored_only:
+          print(f'[{study} {i + 1}/{len(grid)}] {setting.label} on {bench.name}: not run')
+          continue
         if got is None:
           t0 = time.time()
           recs = context.run_setting(sh, models, s_rc)
