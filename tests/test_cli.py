@@ -9,7 +9,6 @@ import pytest
 
 from c3po_jax.run import pipeline, results, runner
 from c3po_jax.run.config import METHODS, RunConfig
-from c3po_jax.testing.checkpoints import make_checkpoint
 
 TIMING = ('seconds', 'compile_seconds')  # differ from run to run
 
@@ -17,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+def ckpt(tiny_checkpoint):
+  return tiny_checkpoint  # conftest.py: one per session, read-only
 
 
 def _common(ckpt, tmp_path):
@@ -46,6 +45,7 @@ def _run_main(tmp_path, out, *flags) -> subprocess.CompletedProcess:
   return proc
 
 
+@pytest.mark.slow
 def test_cli_runs_every_method(ckpt, tmp_path):
   out = tmp_path / 'run'
   proc = _run_main(
@@ -84,6 +84,7 @@ def _strip(rows):
   )
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_loss_or_duplicates(ckpt, tmp_path, monkeypatch):
   methods = ('base', 'kernel_regression', 'ngd')
   full = tmp_path / 'full'
@@ -119,6 +120,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(ckpt, tmp_path, monk
 DEMO = os.path.join(ROOT, 'checkpoints', 'demo')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(DEMO), reason='no shipped demo checkpoint')
 def test_no_flag_run_is_the_embedded_demo(tmp_path):
   """The README's main command, shortened: every method on every demo family."""

@@ -307,6 +307,7 @@ def test_shipped_suite_regenerates_from_its_seed(shipped_dir, tmp_path):
   assert np.all([b == shipped['benchmarks'][k] for k, b in manifest['benchmarks'].items()])
 
 
+@pytest.mark.slow
 def test_scorer_matches_unpadded_forward(small, tok):
   import jax
   import jax.numpy as jnp
@@ -376,6 +377,7 @@ def test_load_balance_loss():
   assert float(train.load_balance_loss(noisy, mask, k)) == pytest.approx(e / k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shipped_dir', SHIPPED_WORLDS)
 def test_shipped_checkpoint_reproduces_its_dev_accuracy(shipped_dir):
   from c3po_jax.demo import evaluate

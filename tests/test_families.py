@@ -61,6 +61,7 @@ def converted(tmp_path_factory):
   return checks.converter(tmp_path_factory, BUILDERS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('left', [False, True], ids=['right', 'left'])
 @pytest.mark.parametrize('family', list(BUILDERS))
 def test_logits_match_the_transformers_reference(converted, family, left):
@@ -102,6 +103,7 @@ def test_family_differences_are_in_the_configs(converted):
   assert mx.norm_topk_prob and mx.qk_norm is None and not mx.dense_layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 @pytest.mark.parametrize('family', list(BUILDERS))
 def test_identity_pathway_is_native_routing(converted, family, mode):
@@ -162,6 +164,7 @@ def _full_hf_shapes(family: str) -> dict:
   return checks.hf_meta_shapes(hf_config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', list(FULL))
 def test_full_size_config_layout_equals_the_hf_tensors(family):
   """The published config.json gives our preset; its HF tensors fill our layout exactly."""
@@ -187,6 +190,7 @@ def test_full_size_forward_eval_shape(family):
   assert out.router_probs.shape == (config.num_hidden_layers, 2, 8, config.num_experts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', ['deepseek', 'qwen2_moe'])
 def test_c3po_runs_on_the_family_and_identity_keeps_base(tmp_path, family):
   """The whole pipeline on a tiny HF snapshot of the family (real OLMoE-tokenized data).

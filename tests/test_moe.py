@@ -111,6 +111,7 @@ def test_expert_outputs_is_every_expert_on_every_token():
     np.testing.assert_allclose(got[:, e], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged', 'sorted_folding']
 )
@@ -132,6 +133,7 @@ def test_vmap_equals_per_sample_loop(dispatch):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'dispatch', ['gather', 'sorted', 'sorted_block8', 'topk', 'ragged', 'sorted_folding']
 )
@@ -209,6 +211,7 @@ def _batched_problem(seed, b=3, n=11, k=3, e=6):
   return params, x, weights, indices, cotangent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dispatch', sorted(FOLDING))
 def test_folding_nested_vmap_and_unbatched_args(dispatch):
   """Folding works through two vmaps and with x shared by the batch."""
@@ -225,6 +228,7 @@ def test_folding_nested_vmap_and_unbatched_args(dispatch):
     np.testing.assert_allclose(got_shared[i], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dispatch', sorted(FOLDING))
 @pytest.mark.parametrize('order', ['vmap_of_grad', 'grad_of_vmap'])
 def test_folding_grad_under_vmap_matches_sorted(order, dispatch):
@@ -251,6 +255,7 @@ def test_folding_grad_under_vmap_matches_sorted(order, dispatch):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dispatch', sorted(FOLDING))
 def test_folding_pathway_gradient_copies_no_expert_weights(dispatch):
   """vmap(grad) w.r.t. x and routing weights only: no per-sample expert weights are compiled.

@@ -195,6 +195,7 @@ def test_batched_ngd_equals_per_sample_and_compiles_once():
   assert (eng.ngd._cache_size(), eng.prepare._cache_size()) == sizes
 
 
+@pytest.mark.slow
 def test_kernel_regression_chooses_alpha_on_the_evaluation_mode_loss():
   eng = _engine()
   assert (eng.ec.opt_pathway_mode, eng.ec.eval_pathway_mode) == ('dense', 'topk')

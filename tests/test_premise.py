@@ -20,14 +20,12 @@ from c3po_jax.run import pipeline
 from c3po_jax.run.config import RunConfig
 from c3po_jax.run.runner import Runner, load_model
 from c3po_jax.tasks import load_examples, load_references
-from c3po_jax.testing.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-  ckpt = make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+def setup(tiny_checkpoint, tmp_path_factory):
   rc = RunConfig.make(
-    checkpoint_dir=ckpt,
+    checkpoint_dir=tiny_checkpoint,
     benchmark='arc_challenge',
     reference=('openbookqa',),
     methods=('base',),
@@ -54,6 +52,7 @@ def setup(tmp_path_factory):
   return runner, base, refs, nbh, kw
 
 
+@pytest.mark.slow
 def test_descent_direction_matches_full_forward_derivation(setup):
   runner, base, refs, nbh, kw = setup
   probs = np.asarray(base.router_probs)
@@ -88,6 +87,7 @@ def test_descent_direction_matches_full_forward_derivation(setup):
     assert got['hit'][i] == hit
 
 
+@pytest.mark.slow
 def test_neighbour_source_share_of_a_shared_pool(setup):
   runner, base, refs, nbh, kw = setup
   b = premise.Benchmark(

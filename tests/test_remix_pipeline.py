@@ -12,12 +12,11 @@ import pytest
 
 from c3po_jax.run import pipeline, results
 from c3po_jax.run.config import RunConfig
-from c3po_jax.testing.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+def ckpt(tiny_checkpoint):
+  return tiny_checkpoint  # conftest.py: one per session, read-only
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from c3po_jax.testing.checkpoints import make_checkpoint
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN = {
   name
@@ -21,8 +19,8 @@ OWN = {
 
 
 @pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+def ckpt(tiny_checkpoint):
+  return tiny_checkpoint  # conftest.py: one per session, read-only
 
 
 def _main(*flags) -> subprocess.CompletedProcess:

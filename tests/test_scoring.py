@@ -1,5 +1,7 @@
 """Choice scoring equals a straightforward re-computation with the plain model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,9 +63,11 @@ def test_analysis_states_are_at_last_context_token(setup):
   params, tok = setup
   examples = load_examples('arc_challenge', split='validation', limit=2)
   prompts = [encoding.encode(tok, e, 'rc') for e in examples]
-  an = scoring.analyze(params, scoring.make_batch(prompts), config=CFG)
+  # Both jitted: run op by op (eagerly), this test took 46 s on the 2-core machine.
+  an = jax.jit(functools.partial(scoring.analyze, config=CFG))(params, scoring.make_batch(prompts))
+  forward = jax.jit(functools.partial(transformer.forward, config=CFG))
   for i, p in enumerate(prompts):
-    out = transformer.forward(params, jnp.asarray([p.context]), config=CFG)
+    out = forward(params, jnp.asarray([p.context]))
     np.testing.assert_allclose(an.last_hidden[i], out.last_hidden[0], atol=1e-5)
     np.testing.assert_allclose(an.router_probs[i], out.router_probs[:, 0, -1], atol=1e-6)
 

@@ -134,6 +134,7 @@ def test_hub_id_offline_says_so_in_one_line(tmp_path, monkeypatch):
   assert 'offline?' in line and 'huggingface-cli download' in line and e.value.exit_code == 2
 
 
+@pytest.mark.slow
 def test_table1_flagfile_runs_all_six_benchmarks(tiny_hf, tmp_path):
   """The Table 1 command on a tiny HF model: 2 samples, small reference caps, 2 methods."""
   out, cache = tmp_path / 'table1', tmp_path / 'cache'
