@@ -124,6 +124,13 @@ def _kernel_regression(b: BatchInputs):
   return eng.kernel_regression(b.runner.params, b.cs, data, w, eng.neighbour_weights(b.cs, probs))
 
 
+def _random_pathway(b: BatchInputs):
+  """A random row per sample, seeded by the sample's content (the same draw in every run)."""
+  seeds = [int(encoding.content_hash(b.prompts[i])[:8], 16) for i in b.pidx]
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+  return b.runner.engine.random_pathway(b.cs, keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class Remix:
   """A re-mixing method: how it runs on a batch, and what its rows report."""
@@ -139,6 +146,7 @@ REMIX = {
   'kernel_regression': Remix(_kernel_regression),
   'ngd': Remix(_ngd, path=True),
   'oracle': Remix(_oracle, needs_neighbours=False, path=True),  # the sample's own label
+  'random_pathway': Remix(_random_pathway, needs_neighbours=False),  # the control
 }
 
 

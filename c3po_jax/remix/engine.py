@@ -75,6 +75,7 @@ class Engine:
     self.oracle = jax.jit(self._oracle)
     self.kernel_regression = jax.jit(self._kernel_regression)
     self.mode_finding = jax.jit(self._mode_finding)
+    self.random_pathway = jax.jit(self._random_pathway)
     self.path_scores = jax.jit(self._path_scores)
     self.soft_prompt = jax.jit(functools.partial(self._baseline, 'soft_prompt'))
     self.prefix_tuning = jax.jit(functools.partial(self._baseline, 'prefix_tuning'))
@@ -215,6 +216,10 @@ class Engine:
       return methods.mode_finding(c, w, w_refs, ref_valid, self.ec.method)
 
     return self._outcome(cs, jax.vmap(one)(cs, w0))
+
+  def _random_pathway(self, cs, keys):
+    """The random-row control (`methods.random_pathway`); keys [Q] one PRNG key per sample."""
+    return self._outcome(cs, jax.vmap(methods.random_pathway)(keys, cs))
 
   def _path_scores(self, params, cs, tests, seq_probs, path):
     """Choice scores [Q, P, C] of the test samples at every point of a path [Q, P, C, Kc].

@@ -239,3 +239,17 @@ def mode_finding(cs, w0, w_references, ref_valid, mc: MethodConfig) -> Trace:
   finite = jnp.all(jnp.isfinite(w)) & jnp.any(ref_valid)
   w = jnp.where(finite, w, w0)
   return Trace(w=w, losses=jnp.zeros((0,)), finite=finite, path=jnp.stack([w0, w]))
+
+
+def random_pathway(key: jax.Array, cs: pw_lib.CoreSlice) -> Trace:
+  """The control: each critical layer's core weights replaced by a random row -> Trace.
+
+  A uniform draw from the simplex of the core (Dirichlet(1, ..., 1)) scaled to
+  the core's base mass, so the pathway row stays a distribution; with every
+  expert in the core (the demo, `--core_experts=0`) that is a uniformly random
+  routing row. What re-mixing without information does to accuracy.
+  """
+  w0 = pw_lib.base_weights(cs)
+  draw = jax.random.dirichlet(key, jnp.ones(w0.shape, jnp.float32))  # [C, Kc]
+  w = draw * cs.mass[:, None]
+  return Trace(w=w, losses=jnp.zeros((0,)), finite=jnp.asarray(True), path=jnp.stack([w0, w]))

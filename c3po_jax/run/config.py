@@ -28,6 +28,7 @@ METHODS = (
   'kernel_regression',
   'ngd',
   'oracle',
+  'random_pathway',
 )
 NGD_BACKENDS = ('prefix', 'naive')
 
@@ -294,7 +295,7 @@ class RunConfig:
         value, choices = getattr(getattr(self, group), f.name), f.metadata['choices']
         if choices and value not in choices:
           raise ValueError(f'{f.name}={value!r}, expected one of {tuple(choices)}')
-    needs_refs = set(self.methods) - {'base', 'oracle'}
+    needs_refs = set(self.methods) - {'base', 'oracle', 'random_pathway'}
     if needs_refs and not self.data.reference:
       raise ValueError(f'methods {sorted(needs_refs)} need --reference sources')
     if self.execution.batch_size < 1 or self.neighbourhood.k < 1:

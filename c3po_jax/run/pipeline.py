@@ -102,7 +102,8 @@ def run(
   diag = diagnostics.summarize(rows)
   extra['diagnostics'] = diag
   results.write_summary(rc.execution.output_dir, summary, extra)
-  print(results.format_table(summary, rc.data.benchmark))
+  extra['chance_accuracy'] = results.chance(rows)
+  print(results.format_table(summary, rc.data.benchmark, extra['chance_accuracy']))
   if diag:
     print(diagnostics.format_table(diag))
     plots.ngd_steps(diag, rc.execution.output_dir, summary, plots.scope(summary, rc.data.benchmark))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import re
 from collections import defaultdict
@@ -17,6 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from c3po_jax.common import files
+from c3po_jax.run.stats import chance, mcnemar_p, wilson_interval  # noqa: F401 (re-exported)
 
 RESULTS_FILE = 'results.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -29,6 +29,7 @@ METHOD_ORDER = (
   'kernel_regression',
   'ngd',
   'oracle',
+  'random_pathway',
 )
 
 
@@ -134,23 +135,8 @@ def read_rows(path: str) -> list[dict]:
   return rows
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-  """The Wilson score interval of k successes in n trials (95% for z=1.96).
-
-  Unlike the normal approximation it stays inside [0, 1] and is sensible at 0
-  and n successes, which small benchmarks hit.
-  """
-  if n == 0:
-    return (0.0, 1.0)
-  p = k / n
-  denom = 1 + z * z / n
-  centre = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 OUR_FILES = ('results.jsonl', 'results.process-*.jsonl', SUMMARY_FILE, 'run_config.json')
-OUR_FILES += ('routing_*.png', 'accuracy.png', 'ngd_steps.png')
+OUR_FILES += ('routing_*.png', 'accuracy.png', 'ngd_steps.png', '*_prompt.npz', '*_prompt.json')
 
 
 def remove_results(output_dir: str) -> list[str]:
@@ -163,16 +149,6 @@ def remove_results(output_dir: str) -> list[str]:
       os.remove(path)
       gone.append(path)
   return gone
-
-
-def mcnemar_p(b: int, c: int) -> float:
-  """Exact two-sided McNemar p-value from the discordant counts b, c."""
-  n = b + c
-  if n == 0:
-    return 1.0
-  k = min(b, c)
-  tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-  return min(1.0, 2.0 * tail)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -240,8 +216,8 @@ def _order(method: str) -> int:
   return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
 
 
-def format_table(summary: dict, benchmark: str) -> str:
-  """A Table-1-style text table (accuracy in %)."""
+def format_table(summary: dict, benchmark: str, chance_acc: float | None = None) -> str:
+  """A Table-1-style text table (accuracy in %); chance_acc: a last row for guessing."""
   name = short_name(benchmark)
   w = max(14, len(name))
   head = (
@@ -259,6 +235,8 @@ def format_table(summary: dict, benchmark: str) -> str:
       f'{s["improved_vs_base"]:>4} {s["worsened_vs_base"]:>4} '
       f'{s["mcnemar_p_vs_base"]:>7.3f} {s["nan_fallbacks"]:>4} {s["seconds_per_sample"]:>9.3f}'
     )
+  if chance_acc is not None:
+    lines.append(f'{"chance":<18} {100 * chance_acc:>{w}.1f}')
   n = max((s['n'] for s in summary.values()), default=0)
   lines.append(
     f'({n} test samples; accuracy % with its 95% Wilson interval; +/-: answers fixed/broken '

@@ -154,7 +154,9 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   names = list(manifest['benchmarks'])
   provenance = _suite_provenance(rc.execution.output_dir, names, started)
   ref_splits = _reference_splits(rc.execution.output_dir, names)
-  table = format_suite_table(per_benchmark, pooled)
+  chance = {n: results.chance([r for r in all_rows if r['id'].startswith(f'{n}/')]) for n in names}
+  chance['pooled'] = results.chance(all_rows)
+  table = format_suite_table(per_benchmark, pooled, chance)
   print('\n' + table)
   vs_paper = None
   if 'paper' in manifest:
@@ -173,6 +175,7 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
       'split': split,
       'benchmarks': per_benchmark,
       'pooled': pooled,
+      'chance_accuracy': chance,
       'reference_splits': ref_splits,
       'vs_paper': vs_paper,
       'diagnostics': diag,
@@ -228,7 +231,8 @@ def _suite_provenance(output_dir: str, names: list[str], started: float) -> dict
   return first
 
 
-def format_suite_table(per_benchmark: dict, pooled: dict) -> str:
+def format_suite_table(per_benchmark: dict, pooled: dict, chance: dict | None = None) -> str:
+  """Accuracy per benchmark and pooled; chance: {benchmark or 'pooled': fraction} as a last row."""
   names = list(per_benchmark)
   width = max(8, *(len(n) for n in names))
   head = f'{"method":<18}' + ''.join(f' {n:>{width}}' for n in names) + f' {"avg":>7} {"p":>7}'
@@ -239,5 +243,8 @@ def format_suite_table(per_benchmark: dict, pooled: dict) -> str:
     known = [a for a in accs if a is not None]
     avg = 100 * sum(known) / len(known) if known else float('nan')
     lines.append(f'{method:<18}{cells} {avg:>7.1f} {p["mcnemar_p_vs_base"]:>7.3f}')
+  if chance:
+    cells = ''.join(f' {100 * (chance.get(n) or 0):>{width}.1f}' for n in names)
+    lines.append(f'{"chance":<18}{cells} {100 * (chance.get("pooled") or 0):>7.1f}')
   lines.append('(accuracy %; avg: mean over benchmarks; p: exact McNemar vs base, pooled)')
   return '\n'.join(lines)
