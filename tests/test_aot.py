@@ -30,6 +30,7 @@ def _script():
   return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'preset,programs',
   [('olmoe-1b-7b-0924', ('forward', 'prepare', 'ngd')), ('deepseek-moe-16b', ('forward', 'ngd'))],

@@ -11,6 +11,7 @@ from c3po_jax.run import results
 from c3po_jax.testing.checkpoints import make_checkpoint
 
 
+@pytest.mark.slow
 def test_run_returns_predictions_pathways_and_provenance(tmp_path):
   ckpt = make_checkpoint(tmp_path / 'tiny')
   rc = c3po_jax.RunConfig.make(

@@ -332,6 +332,7 @@ def baseline(tiny):
   return rows
 
 
+@pytest.mark.slow
 def test_sharded_parameters_are_split(tiny):
   """Orbax restores each leaf straight into its shard of an 8-device mesh."""
   code = (
@@ -365,6 +366,7 @@ def _only(rows, methods):
   return [r for r in rows if r['method'] in methods]
 
 
+@pytest.mark.slow
 def test_sharded_run_matches_single_device(tiny, baseline):
   """8 devices: the batch over data:2, experts over expert:2, widths over model:2."""
   mesh = 'data:2,expert:2,model:2'
@@ -374,6 +376,7 @@ def test_sharded_run_matches_single_device(tiny, baseline):
   _assert_same_rows(rows, _only(baseline, ('base', 'ngd')))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny, baseline):
   """Two processes, each data-parallel over its two devices (the default mesh)."""
   procs, logs = _start_processes(tiny, 'two', devices=2)
@@ -397,6 +400,7 @@ def _lines(path):
   return data[: data.rfind(b'\n') + 1].splitlines()
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_without_loss_or_duplicates(tiny, baseline):
   out = tiny / 'killed'
   file1 = out / 'results.process-1.jsonl'

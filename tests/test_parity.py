@@ -83,6 +83,7 @@ def _compare(model, config, params, left: bool) -> tuple[float, float]:
   return float(d_logit), float(d_prob)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('padding', ['right', 'left'])
 @pytest.mark.parametrize('name', list(CONFIGS))
 def test_logits_and_router_probs_match_transformers(converted, name, padding):

@@ -19,6 +19,7 @@ def ckpt(tiny_checkpoint):
   return tiny_checkpoint  # conftest.py: one per session, read-only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'benchmark,fmt', [('arc_challenge', 'mc'), ('arc_challenge', 'rc'), ('winogrande', 'rc')]
 )

@@ -29,6 +29,7 @@ def _main(*flags) -> subprocess.CompletedProcess:
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_console_and_rerun(ckpt, tmp_path):
   out = tmp_path / 'run'
   flags = [
