@@ -69,6 +69,7 @@ def _max_dlogit(model, config, params, left: bool) -> tuple[float, np.ndarray]:
   return float(np.max(np.abs(np.asarray(got.logits)[real] - want[real]))), want[real]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('left', [False, True], ids=['right', 'left'])
 @pytest.mark.parametrize('case', list(BUILDERS))
 def test_logits_match_the_transformers_reference(converted, case, left):
@@ -79,6 +80,7 @@ def test_logits_match_the_transformers_reference(converted, case, left):
   assert diff <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(BUILDERS))
 def test_every_hf_tensor_consumed_once_and_config_round_trips(converted, case):
   model, hf_dir, hf_config, result, config, _ = converted(case)
@@ -89,6 +91,7 @@ def test_every_hf_tensor_consumed_once_and_config_round_trips(converted, case):
   assert families.from_hf_config(families.to_hf_config(config)) == config
 
 
+@pytest.mark.slow
 def test_the_features_are_on_in_the_tiny_configs(converted):
   """What each case exercises, read from the converted configs."""
   g = converted('granitemoe')[4]
@@ -106,6 +109,7 @@ def test_the_features_are_on_in_the_tiny_configs(converted):
   assert converted('qwen2_moe_window')[4].sliding_layers == (0, 2)  # even layers < 3
 
 
+@pytest.mark.slow
 def test_without_the_window_the_logits_differ(converted):
   """The window matters at these lengths: full attention misses the reference."""
   model, _, _, _, config, params = converted('gpt_oss')
@@ -113,6 +117,7 @@ def test_without_the_window_the_logits_differ(converted):
   assert diff > 100 * TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 @pytest.mark.parametrize('case', ['granitemoe', 'granitemoeshared', 'gpt_oss'])
 def test_identity_pathway_is_native_routing(converted, case, mode):
@@ -165,6 +170,7 @@ def _random_params(config, seed=0):
   return jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape, p.dtype), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 def test_window_forward_equals_the_full_forward(mode):
   config = _everything_config()
@@ -189,6 +195,7 @@ def test_window_forward_equals_the_full_forward(mode):
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_the_full_forward():
   config = _everything_config()
   params = _random_params(config)
