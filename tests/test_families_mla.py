@@ -283,15 +283,7 @@ def test_full_size_config_layout_equals_the_hf_tensors(name):
 )
 def test_full_size_forward_eval_shape(preset):
   config = families.PRESETS[preset]
-  layer = config.moe_layers[-1]
-  out = jax.eval_shape(
-    lambda p, t, w: transformer.forward(p, t, config=config, pathway={layer: w}),
-    transformer.param_structs(config, jnp.bfloat16),
-    jax.ShapeDtypeStruct((2, 8), jnp.int32),
-    jax.ShapeDtypeStruct((2, config.num_experts), jnp.float32),
-  )
-  assert out.logits.shape == (2, 8, config.vocab_size)
-  assert out.router_probs.shape == (config.num_hidden_layers, 2, 8, config.num_experts)
+  checks.forward_eval_shape(config)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ tensors (the model built on the meta device) placed into our layout, with
 the parameter count. `pipeline_keeps_base`: the whole C3PO pipeline on a tiny
 HF snapshot, kernel regression at alpha = 1 giving back the base scores.
 `converter`: each family's tiny reference saved, converted and loaded once.
+`forward_eval_shape`: a full-size forward traced on abstract inputs.
 """
 
 from __future__ import annotations
@@ -80,6 +81,24 @@ def full_size_layout(preset, hf_shapes: dict) -> int:
   count = sum(int(np.prod(s)) for s in shapes)
   assert count == sum(int(np.prod(s)) for s in hf_shapes.values())
   return count
+
+
+def forward_eval_shape(config) -> None:
+  """The full model with a pathway on its last MoE layer, traced on abstract bf16 inputs only."""
+  import jax
+  import jax.numpy as jnp
+
+  from models import transformer
+
+  layer = config.moe_layers[-1]
+  out = jax.eval_shape(
+    lambda p, t, w: transformer.forward(p, t, config=config, pathway={layer: w}),
+    transformer.param_structs(config, jnp.bfloat16),
+    jax.ShapeDtypeStruct((2, 8), jnp.int32),
+    jax.ShapeDtypeStruct((2, config.num_experts), jnp.float32),
+  )
+  assert out.logits.shape == (2, 8, config.vocab_size)
+  assert out.router_probs.shape == (config.num_hidden_layers, 2, 8, config.num_experts)
 
 
 def pipeline_keeps_base(hf_dir: str, work_dir: str) -> None:
