@@ -395,3 +395,23 @@ def test_pipeline_trains_one_prompt_per_benchmark_and_resume_reuses_it(tmp_path,
   assert sorted(calls) == sorted(baselines.KINDS)
   info = json.loads((run / 'soft_prompt_prompt.json').read_text())
   assert info['num_references'] == 6
+
+
+@pytest.mark.slow
+def test_benchmarks_sharing_a_runner_keep_their_own_prompts(tmp_path):
+  """A suite's benchmarks share one runner: each prompt lands in its own benchmark's folder."""
+  from c3po_jax.run import pipeline
+
+  first = _reference_scope_config(
+    tmp_path, methods=('base', 'soft_prompt'), output_dir=str(tmp_path / 'arc')
+  )
+  second = first.replace(
+    benchmark='arc_easy', max_reference_samples=6, output_dir=str(tmp_path / 'easy')
+  )
+  runner = pipeline.open_runner(first)
+  pipeline.run(first, runner)
+  pipeline.run(second, runner)
+  arc = json.loads((tmp_path / 'arc' / 'soft_prompt_prompt.json').read_text())
+  easy = json.loads((tmp_path / 'easy' / 'soft_prompt_prompt.json').read_text())
+  assert arc['num_references'] == 8 and easy['num_references'] == 6
+  assert arc['key'] != easy['key']

@@ -236,7 +236,7 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       continue
     if method in baselines.KINDS and rc.method.baseline_scope == 'references':
       examples = prompts.training_examples(rc, pool, refs)
-      trained[method] = prompts.trained_prompt(runner, method, examples)
+      trained[method] = prompts.trained_prompt(rc, runner, method, examples)
     if method == 'base':  # nothing to compute
       for i in todo:
         writer.write(row('base', i, base.scores[i], **base_time))

@@ -76,14 +76,14 @@ def _settings(rc) -> dict:
   }
 
 
-def prompt_key(runner, kind: str, examples: list) -> str:
+def prompt_key(rc, runner, kind: str, examples: list) -> str:
   """sha256 of everything the prompt is computed from."""
   parts = {
     'kind': kind,
     'model': references.params_fingerprint(runner.params),
     'data': references.examples_fingerprint(examples),
     'num_choices': runner.num_choices,
-    'settings': _settings(runner.rc),
+    'settings': _settings(rc),
     'version': 1,
   }
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -143,16 +143,19 @@ def _save(output_dir: str, kind: str, prompt: Prompt) -> None:
   files.write_json(meta, prompt.info)
 
 
-def trained_prompt(runner, kind: str, examples: list) -> Prompt:
-  """The benchmark's prompt for `kind`: from the run directory, or trained now (and saved)."""
-  rc = runner.rc
+def trained_prompt(rc, runner, kind: str, examples: list) -> Prompt:
+  """The benchmark's prompt for `kind`: from its run directory, or trained now (and saved).
+
+  rc: the benchmark's own run config (a suite's runner is shared by its
+  benchmarks and keeps the first one's output directory).
+  """
   out_dir = rc.execution.output_dir
   if not examples:
     raise ValueError(
       f'{kind}: no references to train the prompt on (--baseline_references='
       f'{rc.method.baseline_references})'
     )
-  key = prompt_key(runner, kind, examples)
+  key = prompt_key(rc, runner, kind, examples)
   found = _load(out_dir, kind, key)
   if found is not None:
     return found
