@@ -148,5 +148,6 @@ def test_three_token_run_end_to_end(tmp_path, benchmark, fmt):
     )
     for method in ('ngd', 'oracle'):
       r = by[method, i]
-      assert 'fallback' not in r and len(r['losses']) == 3 and len(r['step_correct']) == 3
+      # The naive backend scores the final pathway only (no per-step accuracy off the window).
+      assert 'fallback' not in r and len(r['losses']) == 3 and 'step_correct' not in r
       assert np.isfinite(r['loss_before']) and np.isfinite(r['loss_after'])
