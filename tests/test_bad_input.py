@@ -189,6 +189,7 @@ def _main(*flags, timeout=300) -> subprocess.CompletedProcess:
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_usage_errors_are_one_line_with_exit_code_2(tmp_path):
   ckpt = f'--checkpoint_dir={tmp_path}/none'
   cases = [

@@ -134,6 +134,7 @@ def test_init_ids_cycle_the_instruction():
 # ---- the methods ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'kind,fmt,layers',
   [

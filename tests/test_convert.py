@@ -354,6 +354,7 @@ def test_conversion_peak_bytes_full_config():
   assert peak == sum(terms.values()) < 16 * 2**30
 
 
+@pytest.mark.slow
 def test_cli(hf_dir, tmp_path):
   out = str(tmp_path / 'cli')
   cmd = [

@@ -110,6 +110,7 @@ def _model():
   return checkpoints.loud_experts(transformer.init_params(TINY, jax.random.PRNGKey(0)))
 
 
+@pytest.mark.slow
 def test_dense_mode_mixes_exactly_the_given_core():
   params = _model()
   rng = np.random.default_rng(2)
@@ -190,6 +191,7 @@ def _engine(**ec):
   return engine.Engine(TINY, engine.EngineConfig(spec=spec, **ec))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt,per_choice', [('mc', False), ('rc', False), ('rc', True)])
 def test_identity_pathway_reproduces_base_scores_in_every_format(fmt, per_choice):
   """Kernel regression with alpha = 1 (the identity pathway) == base, per choice."""

@@ -66,6 +66,7 @@ def test_place_rows_puts_each_row_at_its_token():
   np.testing.assert_array_equal(one[1, 0], rows[1, 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('position,count', SETTINGS)
 @pytest.mark.parametrize('fmt', ['mc', 'rc'])
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
@@ -85,6 +86,7 @@ def test_base_pathway_given_back_is_the_base_model(model, fmt, position, count, 
     assert np.all(np.isfinite(np.asarray(got.scores)[np.asarray(batch.choice_valid)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', ['mc', 'rc'])
 def test_three_tokens_share_the_change(model, fmt):
   """A changed pathway moves every one of the 3 tokens' routing by the same core change."""
