@@ -20,11 +20,12 @@ WINGS = (
   'c3po_jax.neighbours',
   'c3po_jax.remix',
   'c3po_jax.run',
+  'c3po_jax.ablate',
   'c3po_jax.demo',
   'c3po_jax.testing',
 )
 # Entry points above every wing.
-TOP = ('c3po_jax', 'c3po_jax.main')
+TOP = ('c3po_jax', 'c3po_jax.main', 'c3po_jax.ablate.__main__')
 MAX_LINES = 400
 
 
