@@ -197,14 +197,14 @@ def test_results_writer_refuses_to_mix_process_counts(tmp_path):
 
 def test_parse_lines_drops_a_torn_last_line():
   data = b'{"method": "m", "id": "1"}\n{"method": "m", "id": "2"}\n{"a": '
-  got = results._parse_lines(data, 'f')
+  got = results.parse_rows(data, 'f')
   assert got == [{'method': 'm', 'id': '1'}, {'method': 'm', 'id': '2'}]
 
 
 def test_parse_lines_names_the_file_and_line_of_garbage():
   data = b'{"method": "m", "id": "1"}\nnot json\n{"method": "m", "id": "2"}\n'
   with pytest.raises(results.ResultsFileError, match='merged.jsonl, line 2'):
-    results._parse_lines(data, 'merged.jsonl')
+    results.parse_rows(data, 'merged.jsonl')
 
 
 # ---- end to end, in subprocesses ----
