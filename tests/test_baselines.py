@@ -166,6 +166,7 @@ def test_zero_length_prompt_answers_as_base(model, kind):
 
 
 @pytest.mark.parametrize('kind', baselines.KINDS)
+@pytest.mark.slow
 def test_batched_equals_per_sample(model, kind):
   eng = _engine()
   test, nb, w = _problem()

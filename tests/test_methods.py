@@ -173,6 +173,7 @@ def test_nan_falls_back_to_base(model):
   np.testing.assert_allclose(trace.w[0], jax.vmap(pw_lib.base_weights)(cs)[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_oracle_flips_wrong_answers_to_the_label(model):
   spec = pw_lib.PathwaySpec.make(TINY.num_hidden_layers, TINY.num_experts, 'last:3', 0)
   eng = _engine(ngd_steps=30, lr=0.5, lr_end=0.05, spec=spec, eval_pathway_mode='dense')
@@ -238,6 +239,7 @@ def test_ngd_kernel_mean_init_starts_at_the_neighbours_mean():
 
 
 @pytest.mark.parametrize('mode', ['dense', 'topk'])
+@pytest.mark.slow
 def test_loss_before_and_after_are_taken_as_the_model_routes(model, mode):
   """NGD's loss before/after: its objective in the evaluation mode (top-k), in every mode.
 

@@ -94,6 +94,7 @@ def test_pathway_changes_only_the_last_token_in_listed_layers():
   assert np.abs(out.logits[is_last] - plain.logits[is_last]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_dense_gradient_matches_finite_differences():
   params = random_params(TINY)
   tokens, mask = mixed_batch(seed=2)

@@ -106,6 +106,7 @@ def _value_and_grads(spec, mode, kinds, params, data, cs, q):
     ('rc', 'dense', (2, 3), ('gold_nll',)),
   ],
 )
+@pytest.mark.slow
 def test_prefix_loss_and_grad_equal_naive(fmt, mode, layers, kinds):
   spec, cs, q = _slice(layers)
   data = _batch(fmt)
@@ -137,6 +138,7 @@ def _own_state(eng, prompt, kw):
   return jax.tree.map(lambda x: x[0], eng.prepare(_params(), jax.tree.map(lambda x: x[None], data)))
 
 
+@pytest.mark.slow
 def test_state_cache_pads_cuts_and_evicts():
   eng = _engine()
   prompts = _prompts('rc') + _prompts('rc', seed=5)[:1]  # 16- and 32-token buckets
@@ -177,6 +179,7 @@ def _engine_problem(seed, q=3):
   return nb, cs, w
 
 
+@pytest.mark.slow
 def test_batched_ngd_equals_per_sample_and_compiles_once():
   eng = _engine()
   assert eng.loss_backend is losses.PrefixLoss  # the default

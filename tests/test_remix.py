@@ -237,6 +237,7 @@ def test_kr_alpha_one_grid_loss_is_the_base_models_loss():
   np.testing.assert_allclose(out.trace.losses[:, -1], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_oracle_with_per_choice_contexts_starts_at_the_base_loss():
   """The oracle scores each of the sample's sequences with its own rows."""
   params = _model()
