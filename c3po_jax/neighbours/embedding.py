@@ -170,7 +170,10 @@ class TextEmbedder:
       raise EmbedderError(
         f"--embedder={name} needs sentence-transformers and torch: pip install 'c3po-jax[embedder]'"
       ) from e
-    hashes = file_hashes(source) if os.path.isdir(source) else {}
+    if name == MINILM:  # `packaged_minilm` has just checked every file against these
+      hashes = dict(MINILM_FILES)
+    else:
+      hashes = file_hashes(source) if os.path.isdir(source) else {}
     try:
       self.model = SentenceTransformer(source, device='cpu')
     except (OSError, ValueError) as e:

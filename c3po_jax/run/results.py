@@ -96,7 +96,9 @@ class ResultsWriter:
     stale = lambda r: (
       r['id'] in current and r.get('sample_hash', current[r['id']]) != current[r['id']]
     )
-    rows = read_rows(self.path) if os.path.exists(self.path) else []
+    if not self.done:  # nothing written yet (a fresh run): nothing to check
+      return 0
+    rows = read_rows(self.path)
     keep = [r for r in rows if not stale(r)]
     if len(keep) == len(rows):
       return 0
