@@ -133,7 +133,7 @@ def test_no_flag_run_is_the_embedded_demo(tmp_path):
   assert set(summary['provenance']['data']) == set(families)  # one provenance block
   assert summary['provenance']['versions']['jax'] and 'ngd' in summary['diagnostics']
   methods = {'base', 'icl', 'prefix_tuning', 'soft_prompt', 'mode_finding'}
-  methods |= {'kernel_regression', 'ngd', 'oracle'}
+  methods |= {'kernel_regression', 'ngd', 'oracle', 'random_pathway'}
   assert set(summary['pooled']) == methods
   # The suite's own settings apply: its prompt format and what was chosen on dev.
   with open(os.path.join(DEMO, 'suite', 'suite.json')) as f:
