@@ -305,6 +305,7 @@ def test_shipped_suite_regenerates_from_its_seed(shipped_dir, tmp_path):
       with open(os.path.join(shipped_dir, 'suite', name), 'rb') as f:
         assert hashlib.sha256(f.read()).hexdigest() == info['sha256'], name
   assert np.all([b == shipped['benchmarks'][k] for k, b in manifest['benchmarks'].items()])
+  assert manifest['pools'] == shipped['pools']  # the frozen dev / test pools, by hash
 
 
 @pytest.mark.slow
@@ -560,3 +561,32 @@ def test_premise_choice_ce_and_summary():
   assert out['n_base_wrong'] == 2 and out['accuracy_random_rows'] == 0.0
   assert 'pooled' in premise.format_table({'benchmarks': {'a': out}, 'pooled': out})
   assert out['neighbours_own_sources'] is None  # no shared pool: not applicable
+
+
+def test_frozen_pools_keep_every_draws_test_problems_out_of_dev_and_training(remix_suite):
+  """No draw's test problem is a dev problem of any draw, or asked in its phrasing in training."""
+  draws = [remix_suite] + [
+    suite.build_suite(dataclasses.replace(REMIX, draw_seed=d)) for d in (1, 2)
+  ]
+  for family in remix_suite.families:
+    src = family.test_source
+    pools = remix_suite.pools[family.name]
+    assert pools['dev'] and pools['test'] and not set(pools['dev']) & set(pools['test'])
+    any_dev = set().union(*(s.problems[src, 'dev'] for s in draws))
+    any_test_question = set()
+    for s in draws:
+      assert s.pools[family.name] == pools  # frozen: one split for every draw
+      dev, test = set(s.problems[src, 'dev']), set(s.problems[src, 'test'])
+      assert dev <= set(pools['dev']) and test <= set(pools['test'])
+      assert len(test) == REMIX.num_test and not test & any_dev
+      assert not test & (set(s.problems[src, 'train']) | set(s.problems[src, 'reference']))
+      any_test_question |= {r['question'] for r in s.records[src, 'test']}
+    assert len({frozenset(s.problems[src, 'test']) for s in draws}) == len(draws)  # fresh draws
+    trained = '\n'.join(r['text'] for r in remix_suite.train_text)
+    assert not [q for q in any_test_question if q in trained]
+  # The seed's own draw is the leading problems of each pool (the shipped files).
+  for family in remix_suite.families:
+    n = REMIX.num_test
+    assert (
+      remix_suite.problems[family.test_source, 'test'] == remix_suite.pools[family.name]['test'][:n]
+    )

@@ -3,12 +3,15 @@
 Each family (see families.py) has a test source, the 'benchmark', and two
 reference sources. Splits, per family:
 
-  dev, test   test-source questions on held-out problems (disjoint from each
-              other); dev is for choosing C3PO's settings, test for reporting.
-              They are drawn from the family's held-out problems (a
-              `held_out_fraction` of them, at least dev + test) with
-              `draw_seed`: a fresh draw seed gives a fresh dev/test set for
-              the same trained model, with no training or reference leak.
+  dev, test   test-source questions on held-out problems; dev is for
+              choosing settings, test for reporting. The family's held-out
+              problems (a `held_out_fraction` of them, at least dev + test)
+              are split once, by `seed`, into a dev pool and a test pool
+              (`pools`, hashed in the manifest): every draw takes dev only
+              from the dev pool and test only from the test pool, so no
+              draw's test problem was ever a dev problem of any draw. The
+              seed's own draw is the leading problems of each pool (the
+              shipped files); a fresh `draw_seed` samples each pool afresh.
   reference   reference-source questions on the other problems: the labelled
               pool C3PO draws its successful neighbours from. In the remix
               world also questions in the test phrasing on those problems
@@ -47,14 +50,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags, logging
 
 from c3po_jax.demo import families as families_lib
-from c3po_jax.demo import remix_world
+from c3po_jax.demo import remix_world, splits
 from c3po_jax.demo.manifest import (  # the manifest's I/O, also used as suite.X
   FORMAT,
   copy_settings,
@@ -62,11 +64,15 @@ from c3po_jax.demo.manifest import (  # the manifest's I/O, also used as suite.X
   share_references,
   write_manifest,
 )
+from c3po_jax.demo.splits import (  # re-exported: suite.X is the public name
+  SPLITS,  # noqa: F401
+  check_no_leak,
+  stream,
+)
 from c3po_jax.tasks import prompts
 
 TRAIN_TEXT = 'train_text.jsonl'
 FORMAT_VERSION = 2
-SPLITS = ('train', 'reference', 'dev', 'test')
 EVAL_SPLITS = ('reference', 'dev', 'test')
 # The worlds a suite can be drawn from: 'remix' (remix_world.py, the default demo:
 # the skill lives in the experts the router picks) and 'control' (families.py,
@@ -129,18 +135,16 @@ class Suite:
   families: tuple[families_lib.Family, ...]
   records: dict[tuple[str, str], list[dict]]  # (source, split) -> rows
   train_text: list[dict]
+  # family -> {'dev': [...], 'test': [...]}: the frozen held-out pools (problems)
+  pools: dict[str, dict[str, list]] = dataclasses.field(default_factory=dict)
+  # (source, split) -> the problem each row of records asks, in order
+  problems: dict[tuple[str, str], list] = dataclasses.field(default_factory=dict)
 
   def family(self, name: str) -> families_lib.Family:
     return next(f for f in self.families if f.name == name)
 
   def family_of(self, source: str) -> families_lib.Family:
     return next(f for f in self.families if source in f.sources)
-
-
-def stream(seed: int, *names: str) -> np.random.Generator:
-  """An independent random stream per seed and name path."""
-  keys = [zlib.crc32(n.encode()) for n in names]
-  return np.random.default_rng(np.random.SeedSequence([seed, *keys]))
 
 
 def _records(
@@ -166,69 +170,44 @@ def _records(
   return out
 
 
-def _sample(rng: np.random.Generator, problems: Sequence, n: int) -> list:
-  """n problems, without replacement while there are enough."""
-  idx = rng.choice(len(problems), size=n, replace=n > len(problems))
-  return [problems[i] for i in idx]
-
-
-def _family_records(family, config: SuiteConfig) -> dict[tuple[str, str], list[dict]]:
+def _family_records(family, config: SuiteConfig):
+  """(records, problems, pools) of one family: rows per (source, split), the problem of each."""
   seed = config.seed
   problems = family.problems(stream(seed, family.name, 'problems'))
-  order = stream(seed, family.name, 'split').permutation(len(problems))
-  num_eval = config.num_dev + config.num_test
-  num_held = max(num_eval, round(config.held_out_fraction * len(problems)))
-  if num_held >= len(problems):
-    raise ValueError(f'{family.name} has {len(problems)} problems, too few for {num_held}')
-  held_out = [problems[i] for i in order[:num_held]]
-  pool = [problems[i] for i in order[num_held:]]
+  dev_pool, test_pool, pool = splits.held_out_pools(family, config)
   draw = config.draw
-  picked = stream(draw, family.name, 'draw').choice(num_held, size=num_eval, replace=False)
-  dev_problems = [held_out[i] for i in picked[: config.num_dev]]
-  test_problems = [held_out[i] for i in picked[config.num_dev :]]
+  fresh = None if draw == seed else stream(draw, family.name, 'draw')
+  asked = {}
   test_src = family.test_source
+  asked[test_src, 'dev'] = splits.draw_from(dev_pool, config.num_dev, fresh)
+  asked[test_src, 'test'] = splits.draw_from(test_pool, config.num_test, fresh)
   out = {
     (test_src, 'dev'): _records(
-      family, test_src, 'dev', dev_problems, stream(draw, test_src, 'dev')
+      family, test_src, 'dev', asked[test_src, 'dev'], stream(draw, test_src, 'dev')
     ),
     (test_src, 'test'): _records(
-      family, test_src, 'test', test_problems, stream(draw, test_src, 'test')
+      family, test_src, 'test', asked[test_src, 'test'], stream(draw, test_src, 'test')
     ),
   }
   num_test_train = round(config.num_train * config.test_train_fraction)
   num_ref_train = (config.num_train - num_test_train) // len(family.reference_sources)
   for src in family.reference_sources:
     rng = stream(seed, src, 'reference')
-    out[src, 'reference'] = _records(
-      family, src, 'reference', _sample(rng, pool, config.num_reference), rng
-    )
+    asked[src, 'reference'] = splits.sample(rng, pool, config.num_reference)
+    out[src, 'reference'] = _records(family, src, 'reference', asked[src, 'reference'], rng)
     rng = stream(seed, src, 'train')
-    out[src, 'train'] = _records(family, src, 'train', _sample(rng, problems, num_ref_train), rng)
+    asked[src, 'train'] = splits.sample(rng, problems, num_ref_train)
+    out[src, 'train'] = _records(family, src, 'train', asked[src, 'train'], rng)
   rng = stream(seed, test_src, 'train')
-  out[test_src, 'train'] = _records(
-    family, test_src, 'train', _sample(rng, pool, num_test_train), rng
-  )
+  asked[test_src, 'train'] = splits.sample(rng, pool, num_test_train)
+  out[test_src, 'train'] = _records(family, test_src, 'train', asked[test_src, 'train'], rng)
   if config.phrasing_references:  # from the pool: never a dev/test problem
     rng = stream(seed, test_src, 'reference')
+    asked[test_src, 'reference'] = splits.sample(rng, pool, config.num_reference)
     out[test_src, 'reference'] = _records(
-      family, test_src, 'reference', _sample(rng, pool, config.num_reference), rng
+      family, test_src, 'reference', asked[test_src, 'reference'], rng
     )
-  return out
-
-
-def check_no_leak(records: dict[tuple[str, str], list[dict]]) -> None:
-  """Raises ValueError if a dev/test question occurs in train or reference, or dev in test."""
-  seen = {
-    split: {r['question'] for (_, s), rows in records.items() if s == split for r in rows}
-    for split in SPLITS
-  }
-  for split in ('dev', 'test'):
-    for other in ('train', 'reference'):
-      leaked = seen[split] & seen[other]
-      if leaked:
-        raise ValueError(f'{len(leaked)} {split} questions occur in {other}: {sorted(leaked)[:3]}')
-  if seen['dev'] & seen['test']:
-    raise ValueError('dev and test share questions')
+  return out, asked, {'dev': dev_pool, 'test': test_pool}
 
 
 def train_row(question: str, choices, answer: int, source: str, fmt: str) -> dict:
@@ -241,8 +220,11 @@ def build_suite(config: SuiteConfig = SuiteConfig()) -> Suite:
   """Generates every split of every family from config.seed."""
   families = WORLDS[config.world](stream(config.seed, 'world'))
   records: dict[tuple[str, str], list[dict]] = {}
+  asked, pools = {}, {}
   for family in families:
-    records.update(_family_records(family, config))
+    rows, problems, pools[family.name] = _family_records(family, config)
+    records.update(rows)
+    asked.update(problems)
   check_no_leak(records)
   text = [
     train_row(r['question'], r['choices'], r['answer'], src, config.fmt)
@@ -264,7 +246,7 @@ def build_suite(config: SuiteConfig = SuiteConfig()) -> Suite:
         for s in family.statements(rng)
       ]
   order = stream(config.seed, 'train_order').permutation(len(text))
-  return Suite(config, families, records, [text[i] for i in order])
+  return Suite(config, families, records, [text[i] for i in order], pools, asked)
 
 
 def file_name(source: str, split: str) -> str:
@@ -303,6 +285,14 @@ def manifest(suite: Suite) -> dict:
       'continuation': prompts.format_question('q', ['{choice}', '{other}'], suite.config.fmt)[1][0],
     },
     'benchmarks': benchmarks,
+    # The frozen dev / test pools of held-out problems (suite.held_out_pools):
+    # every draw of this seed takes dev from 'dev' and test from 'test'.
+    'pools': {
+      name: {
+        split: {'problems': len(p), 'sha256': splits.pool_digest(p)} for split, p in pools.items()
+      }
+      for name, pools in sorted(suite.pools.items())
+    },
   }
 
 
