@@ -1,12 +1,22 @@
-"""Chooses the demo's C3PO settings on the dev split and records them in suite.json.
+"""Chooses the demo's settings on the dev split, every method alike, and records them.
 
-Runs the suite's dev split once per point of a grid over RunConfig fields
-(NGD start point, NGD pathway mode, NGD learning rate, neighbours k, overlap
-filter max_similarity, kernel bandwidth rule sigma, NGD steps), picks the point with the best pooled NGD dev
-accuracy (ties: the earlier point; each list is given in order of preference,
-e.g. the smaller step first), and writes it with the whole grid into the
-manifest's "c3po_settings", which `python -m c3po_jax.main` applies to runs of
-that suite unless a flag says otherwise. The test split is never read.
+Per method (`--grid=per_method`, the default): every method with
+hyper-parameters gets its own dev grid of the same size (`GRIDS`, 4 points
+each: NGD learning rate x optimization mode, kernel regression kernel x k,
+mode finding alpha x neighbours, ICL shots (its k), prefix tuning and soft
+prompt learning rate x prompt length), runs with base alone at each point,
+and keeps the point with its best pooled dev accuracy (ties: the earlier
+point; each list is in order of preference). The choices go into the
+manifest's c3po_settings["per_method"], which `python -m c3po_jax.main` turns
+into --per_method for runs of that suite: each method runs with its own.
+
+Shared (`--grid=shared`): one grid over RunConfig fields shared by every
+method (NGD start, mode, learning rate, k, overlap filter, bandwidth rule,
+steps), chosen on pooled NGD dev accuracy, written to c3po_settings
+["settings"] (how the demo's shared settings were chosen).
+
+The test split is never read. Each point's runs are kept under --output_dir
+(--resume reuses a point already run).
 
   python -m c3po_jax.demo.tune --suite=checkpoints/demo/suite \\
       --checkpoint_dir=checkpoints/demo
@@ -62,6 +72,59 @@ def tune(base: RunConfig, suite_dir: str, grid: dict[str, list]) -> dict:
   }
 
 
+# The per-method dev grids: the same size (4 points) for every method with settings.
+GRIDS = {
+  'ngd': {'lr': [0.1, 0.3], 'opt_pathway_mode': ['topk', 'dense']},
+  'kernel_regression': {'kernel': ['gaussian', 'matern'], 'k': [3, 10]},
+  'mode_finding': {'mode_alpha': [0.5, 0.8], 'mode_neighbours': [3, 10]},
+  'icl': {'k': [1, 2, 3, 5]},  # shots: ICL shows a test sample its k neighbours
+  'prefix_tuning': {'baseline_lr': [0.1, 0.3], 'baseline_prefix_len': [5, 10]},
+  'soft_prompt': {'baseline_lr': [0.1, 0.3], 'baseline_prefix_len': [5, 10]},
+}
+
+
+def tune_method(base: RunConfig, suite_dir: str, method: str, grid: dict[str, list]) -> dict:
+  """One method's grid on dev (with base alone); its c3po_settings['per_method'] entry."""
+  names = list(grid)
+  points = []
+  for values in itertools.product(*(grid[n] for n in names)):
+    point = dict(zip(names, values))
+    out = os.path.join(base.execution.output_dir, method, _tag(point).replace(':', ''))
+    rc = base.replace(methods=('base', method), per_method='', output_dir=out, **point)
+    pooled = suite_run.run_suite(rc, suite_dir, split='dev')['pooled']
+    entry = {
+      **point,
+      'dev_accuracy': pooled[method]['accuracy'],
+      'base_dev_accuracy': pooled['base']['accuracy'],
+      'mcnemar_p_vs_base': pooled[method]['mcnemar_p_vs_base'],
+    }
+    logging.info('%s dev grid point %s', method, entry)
+    points.append(entry)
+  best = points[max(range(len(points)), key=lambda i: (points[i]['dev_accuracy'], -i))]
+  return {
+    'settings': {n: best[n] for n in names},
+    'dev_accuracy': best['dev_accuracy'],
+    'chosen_on': 'dev',
+    'criterion': f'pooled {method} accuracy on dev (ties: the earlier grid point)',
+    'searched': {n: list(grid[n]) for n in names},
+    'dev_samples_per_benchmark': base.data.max_test_samples,
+    'grid': points,
+  }
+
+
+def tune_methods(base: RunConfig, suite_dir: str, grids: dict[str, dict]) -> dict:
+  """Every method's own grid on dev: {method: its per_method entry}."""
+  return {m: tune_method(base, suite_dir, m, g) for m, g in grids.items()}
+
+
+def write_per_method(suite_dir: str, entries: dict) -> None:
+  """Records each method's choice under c3po_settings['per_method'] (others kept)."""
+  manifest = suite.read_manifest(suite_dir)
+  settings = manifest.setdefault('c3po_settings', {})
+  settings['per_method'] = {**settings.get('per_method', {}), **entries}
+  suite.write_manifest(suite_dir, manifest)
+
+
 def write_settings(suite_dir: str, entry: dict) -> None:
   """Records entry as the suite's c3po_settings; an earlier entry is kept under 'previous'."""
   manifest = suite.read_manifest(suite_dir)
@@ -97,6 +160,18 @@ def main(argv):
     'sigma': list(F.sigmas),
     'ngd_steps': [int(x) for x in F.ngd_steps],
   }
+  if F.grid == 'per_method':
+    # The suite's shared settings (chosen earlier) hold for every point.
+    shared = suite_run.suite_settings(suite_run.read_suite(F.suite))
+    shared.pop('per_method', None)
+    rc = rc.replace(**{k: v for k, v in shared.items() if k != 'fmt'}, resume=F.resume)
+    unknown = set(F.tune_methods) - set(GRIDS)
+    if unknown:
+      raise app.UsageError(f'--tune_methods: no grid for {sorted(unknown)}; have {sorted(GRIDS)}')
+    entries = tune_methods(rc, F.suite, {m: GRIDS[m] for m in F.tune_methods})
+    write_per_method(F.suite, entries)
+    print(json.dumps({m: e['settings'] for m, e in entries.items()}, indent=2))
+    return
   entry = tune(rc, F.suite, grid)
   write_settings(F.suite, entry)
   print(json.dumps(entry['settings'], indent=2))
@@ -106,7 +181,13 @@ if __name__ == '__main__':
   flags.DEFINE_string('suite', 'checkpoints/demo/suite', 'Suite directory (suite.json).')
   flags.DEFINE_string('checkpoint_dir', 'checkpoints/demo', 'The model the suite is run on.')
   flags.DEFINE_string('output_dir', 'runs/tune', 'Where the dev runs are written.')
-  flags.DEFINE_list('methods', ['base', 'ngd'], 'Methods run at each point (ngd is the criterion).')
+  flags.DEFINE_enum(
+    'grid', 'per_method', ['per_method', 'shared'], 'Each method its own grid, or one shared.'
+  )
+  flags.DEFINE_list('tune_methods', list(GRIDS), 'Methods tuned (--grid=per_method).')
+  flags.DEFINE_bool('resume', False, 'Reuse grid points already run in --output_dir.')
+  flags.DEFINE_list('methods', ['base', 'ngd'], 'Methods run at each point (--grid=shared).')
+  # --grid=shared:
   flags.DEFINE_list('ngd_inits', ['base'], 'NGD start points to try (base, kernel_mean).')
   flags.DEFINE_list('opt_pathway_modes', ['dense'], 'Pathway modes NGD optimizes in (dense, topk).')
   flags.DEFINE_list('lrs', ['0.003', '0.01', '0.03', '0.1'], 'NGD learning rates to try.')

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from c3po_jax.remix import baselines, pathway
-from c3po_jax.run import checks, mesh
+from c3po_jax.run import checks, mesh, per_method
 
 # In the paper's Table 1 order.
 METHODS = (
@@ -167,6 +167,12 @@ class MethodSettings:
   prefix_layers: str = setting(
     'all', 'Prefix tuning: prefixed layers.', choices=baselines.PREFIX_LAYERS
   )
+  per_method: str = setting(
+    '',
+    "Settings of single methods, e.g. 'kernel_regression:kernel=matern,k=10;icl:k=1' (see"
+    ' c3po_jax/run/per_method.py for the fields a method may set; the other methods keep the'
+    " run's). A demo suite's settings chosen on dev per method arrive here.",
+  )
   baseline_init_text: str = setting(
     baselines.INIT_TEXT,
     'Soft prompt / prefix tuning: the instruction whose first P tokens (cycled) initialize the'
@@ -230,6 +236,7 @@ GROUPS = {
 }
 # Flat field name -> its group; `methods` is RunConfig's own field.
 GROUP_OF = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+FIELDS = {f.name: f for cls in GROUPS.values() for f in dataclasses.fields(cls)}
 # Groups whose settings change neither the rows nor the summary of a run.
 EXECUTION_GROUPS = ('execution', 'mesh')
 
@@ -280,6 +287,15 @@ class RunConfig:
       out.update(dataclasses.asdict(getattr(self, group)))
     return out
 
+  def method_settings(self) -> dict[str, dict]:
+    """{method: {field: value}}: the settings single methods override (`--per_method`)."""
+    return per_method.parse(self.method.per_method, FIELDS, METHODS)
+
+  def for_method(self, method: str) -> RunConfig:
+    """The run's settings as `method` runs with them (its own per-method settings applied)."""
+    own = self.method_settings().get(method)
+    return self.replace(**own) if own else self
+
   def __post_init__(self):
     d, m = self.data, self.method
     if isinstance(d.reference, (list, str)):
@@ -306,6 +322,15 @@ class RunConfig:
         raise ValueError(f'{name}={value} must be >= 0')
     mesh.parse_mesh_shape(self.mesh.mesh_shape)  # raises on a malformed spec
     checks.check_ranges(self)  # --lr=0, --dtype=int8, ...: refused before any model loads
+    if m.per_method:  # canonical text; each method's settings in range
+      own = self.method_settings()
+      spec = per_method.format_spec(own)
+      object.__setattr__(self, 'method', dataclasses.replace(self.method, per_method=spec))
+      for method, settings in own.items():
+        try:
+          self.replace(per_method='', **settings)
+        except ValueError as e:
+          raise ValueError(f'--per_method ({method}): {e}') from None
     if isinstance(m.critical_layers, int):
       pathway.parse_layers(m.critical_layers, 1)  # raises: say last:N or the index
     if not isinstance(m.critical_layers, str):  # explicit indices -> their spec string

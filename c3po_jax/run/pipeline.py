@@ -18,7 +18,7 @@ from c3po_jax.neighbours import kernels, references
 from c3po_jax.neighbours import search as neighbours
 from c3po_jax.remix import baselines, batch, diagnostics
 from c3po_jax.remix.scoring import pad_to, predictions
-from c3po_jax.run import compile_clock, plots, preflight, prompts, results
+from c3po_jax.run import compile_clock, per_method, plots, preflight, prompts, results
 from c3po_jax.run import mesh as mesh_lib
 from c3po_jax.run import output as run_output
 from c3po_jax.run.config import RunConfig
@@ -126,6 +126,7 @@ def settings_in_effect(rc: RunConfig, runner: Runner) -> dict:
     'embedder': rc.neighbourhood.embedder,
     'ngd_backend': backend_name(rc),
     'baseline_scope': rc.method.baseline_scope,
+    'per_method': rc.method_settings(),  # settings single methods ran with instead
   }
 
 
@@ -140,6 +141,29 @@ def kernel_weights(rc: RunConfig, refs, nbh) -> np.ndarray:
   return kernels.kernel_weights(
     nbh.similarity, nbh.valid, kind=rc.neighbourhood.kernel, sigma=sigma
   )
+
+
+def find_neighbours(rc: RunConfig, refs, embeddings):
+  """(neighbours, [Q, N] kernel weights) of test embeddings [Q, D] in the reference set."""
+  n = rc.neighbourhood
+  nbh = neighbours.find(
+    embeddings,
+    refs.embeddings,
+    k=n.k,
+    epsilon=n.epsilon,
+    max_similarity=n.max_similarity,
+    ball_cap=n.ball_cap,
+  )
+  lonely = int((~nbh.valid.any(axis=1)).sum())
+  if lonely:
+    logging.warning(
+      '%d of %d test samples have no neighbour (every reference is more similar than '
+      '--max_similarity=%s, or outside --epsilon): they keep the base pathway',
+      lonely,
+      len(nbh.valid),
+      n.max_similarity,
+    )
+  return nbh, kernel_weights(rc, refs, nbh)
 
 
 def _run_methods(rc, runner: Runner, test, pool, writer):
@@ -170,31 +194,24 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
   base_pred, _ = predictions(base.scores, base.cont_chars)
   gold = np.asarray([e.gold for e in test])
   refs = runner.reference_set(pool) if pool else None
+  hoods = {}  # per-method neighbourhood settings -> (neighbours, kernel weights)
+  ref_prompts = None
   if refs is not None:
     logging.info('reference set: %d of %d answered correctly', len(refs), refs.num_candidates)
-    nbh = neighbours.find(
-      base.embeddings,
-      refs.embeddings,
-      k=rc.neighbourhood.k,
-      epsilon=rc.neighbourhood.epsilon,
-      max_similarity=rc.neighbourhood.max_similarity,
-      ball_cap=rc.neighbourhood.ball_cap,
-    )
-    weights = kernel_weights(rc, refs, nbh)
-    lonely = int((~nbh.valid.any(axis=1)).sum())
-    if lonely:
-      logging.warning(
-        '%d of %d test samples have no neighbour (every reference is more similar than '
-        '--max_similarity=%s, or outside --epsilon): they keep the base pathway',
-        lonely,
-        len(nbh.valid),
-        rc.neighbourhood.max_similarity,
-      )
     ref_prompts = runner.encode(refs.examples)
+
+  def neighbourhood(mrc: RunConfig):
+    """(neighbours, kernel weights) of the test samples under mrc's neighbourhood settings."""
+    if refs is None:
+      return None, None
+    key = per_method.neighbourhood_key(mrc)
+    if key not in hoods:
+      hoods[key] = find_neighbours(mrc, refs, base.embeddings)
+    return hoods[key]
 
   prompt_text = [format_example(e, rc.data.fmt).context for e in test]
 
-  def row(method, i, scores, seconds, **extra):
+  def row(method, i, scores, seconds, nbh=None, weights=None, **extra):
     pred, norm = predictions(scores[None], base.cont_chars[i][None])
     pred, norm = pred[0], norm[0]
     r = {
@@ -213,7 +230,7 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       # continuation log-likelihoods; mc: the answer letters' log-probabilities).
       'choice_scores': [round(float(x), 5) for x in scores[: len(test[i].choices)]],
     }
-    if refs is not None and method != 'base':
+    if nbh is not None:
       r['neighbours'] = [
         {'id': refs.examples[j].id, 'similarity': round(float(s), 4), 'weight': round(float(w), 4)}
         for j, s, w, v in zip(nbh.index[i], nbh.similarity[i], weights[i], nbh.valid[i])
@@ -234,19 +251,21 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
     todo = [i for i in range(len(test)) if (method, test[i].id) not in writer.done]
     if not todo:
       continue
-    if method in baselines.KINDS and rc.method.baseline_scope == 'references':
-      examples = prompts.training_examples(rc, pool, refs)
-      trained[method] = prompts.trained_prompt(rc, runner, method, examples)
     if method == 'base':  # nothing to compute
       for i in todo:
         writer.write(row('base', i, base.scores[i], **base_time))
       continue
+    mrc, mrunner = rc.for_method(method), runner.for_method(method)  # --per_method
+    nbh, weights = neighbourhood(mrc)
+    if method in baselines.KINDS and mrc.method.baseline_scope == 'references':
+      examples = prompts.training_examples(mrc, pool, refs)
+      trained[method] = prompts.trained_prompt(mrc, mrunner, method, examples)
     bs = rc.execution.batch_size
     for start in tqdm(range(0, len(todo), bs), desc=method, unit='batch'):
       idx = todo[start : start + bs]
       t0, c0 = time.perf_counter(), compile_clock.seconds()
       inputs = batch.BatchInputs(
-        runner, idx, pad_to(idx, bs), encoded, base, refs, nbh, weights, ref_prompts
+        mrunner, idx, pad_to(idx, bs), encoded, base, refs, nbh, weights, ref_prompts
       )
       inputs.trained = trained
       an_scores, extras = batch.method_batch(method, inputs)
@@ -254,5 +273,5 @@ def _run_methods(rc, runner: Runner, test, pool, writer):
       seconds = (time.perf_counter() - t0 - compiled) / len(idx)
       for j, i in enumerate(idx):
         extra = dict(extras[j], compile_seconds=compiled / len(idx))
-        writer.write(row(method, i, an_scores[j], seconds, **extra))
+        writer.write(row(method, i, an_scores[j], seconds, nbh, weights, **extra))
   return trained

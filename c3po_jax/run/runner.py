@@ -11,6 +11,7 @@ De embedding width.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -146,6 +147,23 @@ class Runner:
     self.encoder = make_encoder(rc)
     self.num_choices = 2
     self.test: list[Example] = []
+    self._engines = {rc.method: self.engine}  # per method settings (`for_method`)
+
+  def for_method(self, method: str) -> Runner:
+    """This runner as `method` runs: its per-method settings, an engine compiled for them.
+
+    Shares the model, the state store and the encoder (per-method settings
+    change neither prefix states nor references, see `per_method`).
+    """
+    mrc = self.rc.for_method(method)
+    if mrc == self.rc:
+      return self
+    view = copy.copy(self)
+    view.rc = mrc
+    if mrc.method not in self._engines:
+      self._engines[mrc.method] = make_engine(mrc, self.config)
+    view.engine = self._engines[mrc.method]
+    return view
 
   @classmethod
   def open(cls, rc: RunConfig, mesh=None) -> Runner:

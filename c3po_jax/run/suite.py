@@ -25,7 +25,7 @@ import jax
 from c3po_jax.common import errors, files
 from c3po_jax.remix import diagnostics
 from c3po_jax.run import output as run_output
-from c3po_jax.run import paper_table, pipeline, plots, preflight, results
+from c3po_jax.run import paper_table, per_method, pipeline, plots, preflight, results
 from c3po_jax.run.config import GROUP_OF, RunConfig
 from c3po_jax.tasks import suites
 
@@ -88,8 +88,10 @@ def suite_settings(manifest: dict) -> dict:
   """RunConfig fields a suite asks for: its prompt format and settings chosen on dev.
 
   A manifest may hold {"prompt": {"format": "rc"}} and {"c3po_settings":
-  {FIELD: VALUE, ...}} (RunConfig field names; chosen on the dev split, see
-  c3po_jax/demo/tune.py). Flags given on the command line win over these.
+  {"settings": {FIELD: VALUE, ...}, "per_method": {METHOD: {"settings": {...}}}}}
+  (RunConfig field names; chosen on the dev split, see c3po_jax/demo/tune.py;
+  a method's own settings become --per_method). Flags given on the command
+  line win over these.
   """
   out = {}
   fmt = manifest.get('prompt', {}).get('format')
@@ -100,6 +102,10 @@ def suite_settings(manifest: dict) -> dict:
   if unknown:
     raise ValueError(f'suite c3po_settings has unknown RunConfig fields {sorted(unknown)}')
   out.update(settings)
+  # Each method's own settings, chosen on dev by its own grid (`tune`): --per_method.
+  own = manifest.get('c3po_settings', {}).get('per_method', {})
+  if own and 'per_method' not in settings:
+    out['per_method'] = per_method.format_spec({m: e['settings'] for m, e in own.items()})
   if isinstance(out.get('critical_layers'), int):  # older manifests: an int was "the last N"
     out['critical_layers'] = f'last:{out["critical_layers"]}'
   elif isinstance(out.get('critical_layers'), list):
