@@ -22,7 +22,7 @@ Four numerically equivalent dispatch strategies:
 implementation ('auto': `resolve`). On CPU the block-sorted scan measured
 fastest from one token to thousands, at or above transformers' grouped-matmul
 experts, and `ragged_dot` is several times slower on CPU (`python -m
-benchmarks.forward_throughput --dispatch=ragged`; README "Measured speed"),
+benchmarks.forward_throughput --dispatch=ragged`; docs/speed.md),
 so 'auto' is 'sorted' there and 'ragged' on GPU and TPU, where `ragged_dot`
 is a native grouped matmul and the scan's per-block loop would serialize.
 

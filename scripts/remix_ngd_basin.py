@@ -11,7 +11,7 @@ family's pair. On the plain-reference suite (`python -m c3po_jax.demo.suite
 --settings_from=checkpoints/demo/suite`) it showed why NGD from the base
 routing did not help there: its descent ended in dense mixtures of other
 experts with a higher neighbour loss than the kernel-regression point, never
-on the family's pair (README, "Why the references include the test phrasing").
+on the family's pair (docs/demo_world.md, "Why the references include the test phrasing").
 
   python scripts/remix_ngd_basin.py --suite=DIR --n=25 --lr=0.1 --ngd_init=base
 """

@@ -25,6 +25,14 @@ if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   # workers and subprocesses inherit the variable.
   _OWN_CACHE = tempfile.mkdtemp(prefix='jax-compilation-cache-')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+# The suite's programs are tiny: compiling them costs far more than running
+# them, so XLA's CPU backend skips its LLVM optimization passes (about 40% less
+# time for a file of end-to-end tests). Floating-point semantics are the same
+# (no fast-math either way): the parity tests hold at their tolerances. Set
+# XLA_FLAGS with an optimization level of your own to keep yours.
+_FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAST_COMPILE}'.strip()
 # Cache every program, however quick to compile or small.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')

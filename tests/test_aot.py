@@ -1,6 +1,6 @@
 """Full-size readiness: the full widths lower and compile on abstract inputs.
 
-`scripts/aot_memory.py` compiles the whole models (README "Full-size
+`scripts/aot_memory.py` compiles the whole models (docs/speed.md "Full-size
 readiness"); here two layers of OLMoE-1B-7B and DeepSeekMoE-16B at their full
 widths, in bfloat16, at the flagfiles' batch (Q = 8, k = 3, 10 NGD steps), with
 nothing allocated: a layout or sharding-free shape mistake fails here.

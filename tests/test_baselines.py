@@ -71,6 +71,7 @@ def _padded_tokens():
 # ---- the model inputs ----
 
 
+@pytest.mark.slow
 def test_absent_or_empty_prefix_is_the_plain_forward(model):
   tokens, mask = _padded_tokens()
   fwd = functools.partial(transformer.forward, model, tokens, config=TINY, attention_mask=mask)
@@ -87,6 +88,7 @@ def test_absent_or_empty_prefix_is_the_plain_forward(model):
     np.testing.assert_array_equal(out.last_index, plain.last_index)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', baselines.KINDS)
 def test_prompt_of_an_instruction_is_that_instruction(model, kind):
   """Initialized from tokens u, either prompt is u written in front of the tokens.
@@ -153,6 +155,7 @@ def test_training_lowers_the_neighbour_loss(model, kind, fmt, layers):
   assert np.all(losses[:, -1] < losses[:, 0] - 1e-4), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', baselines.KINDS)
 def test_zero_length_prompt_answers_as_base(model, kind):
   eng = _engine(baseline_prefix_len=0)
@@ -180,6 +183,7 @@ def test_batched_equals_per_sample(model, kind):
     np.testing.assert_allclose(single.losses[0], batched.losses[i], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', baselines.KINDS)
 def test_nan_is_flagged(model, kind):
   test, nb, w = _problem()
@@ -268,6 +272,7 @@ def _set_loss(eng, kind, model, prompt, data):
   return float(jnp.mean(scoring.choice_loss(scores, data.gold, data.choice_valid, 'choice_ce')))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind,fmt', [('soft_prompt', 'mc'), ('prefix_tuning', 'rc')])
 def test_reference_training_lowers_the_training_set_loss(model, kind, fmt):
   """Trained once on a reference set, the prompt fits that set better than its start."""
@@ -283,6 +288,7 @@ def test_reference_training_lowers_the_training_set_loss(model, kind, fmt):
   assert after < before - 1e-3, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', baselines.KINDS)
 def test_prompted_with_the_start_prompt_is_the_model_after_the_instruction(model, kind):
   """The untrained prompt answers like the plain model reading the instruction first."""
@@ -300,6 +306,7 @@ def test_prompted_with_the_start_prompt_is_the_model_after_the_instruction(model
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_rows_of_a_non_finite_trained_prompt_keep_the_base_answer(model):
   from c3po_jax.run.prompts import Prompt
 

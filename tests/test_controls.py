@@ -25,8 +25,23 @@ def test_chance_is_the_mean_of_one_over_the_choices():
     {'a': summary, 'b': summary}, summary, {'a': 0.25, 'b': 0.5, 'pooled': 0.375}
   )
   assert pooled.splitlines()[-2].split() == ['chance', '25.0', '50.0', '37.5']
+  lo, hi = (100 * x for x in summary['base']['accuracy_ci95'])
+  base_row = next(line.split() for line in pooled.splitlines() if line.startswith('base'))
+  assert base_row == [
+    'base',
+    '100.0',
+    '100.0',
+    '100.0',
+    '100.0',
+    f'{lo:.1f}-{hi:.1f}',
+    '+0/-0',
+    '1',
+  ]
+  named = suite.format_suite_table({'a': summary}, summary, embedder='MiniLM')
+  assert named.splitlines()[-1] == '(neighbours: MiniLM)'
 
 
+@pytest.mark.slow
 def test_random_pathway_draws_a_row_on_the_core_simplex():
   base = jnp.asarray([[0.5, 0.3, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]])  # [C, E]
   cs = pw_lib.CoreSlice(base=base, core=jnp.asarray([[0, 1, 2], [0, 1, 3]]))

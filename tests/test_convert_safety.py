@@ -185,6 +185,7 @@ def _convert_cli(*flags) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(hf, tmp_path):
   run = _convert_cli(f'--hf_dir={hf}', f'--output_dir={hf}', '--overwrite')
   assert run.returncode == 1

@@ -40,6 +40,7 @@ prefill = jax.jit(decode.prefill, static_argnames=('config', 'cache_size', 'path
 decode_step = jax.jit(decode.decode_step, static_argnames='config')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('with_pathway', [False, True])
 @pytest.mark.parametrize('side', ['right', 'left'])
 def test_cached_decode_matches_full_forward(side, with_pathway):
@@ -98,6 +99,7 @@ def greedy_reference(params, prompts, steps):
   return np.asarray(out)
 
 
+@pytest.mark.slow
 def test_generate_padded_matches_uncached_greedy():
   params = random_params(TINY, seed=3)
   rng = np.random.default_rng(3)
@@ -108,6 +110,7 @@ def test_generate_padded_matches_uncached_greedy():
   np.testing.assert_array_equal(lengths, [6, 6, 6])
 
 
+@pytest.mark.slow
 def test_generate_matches_transformers():
   torch = pytest.importorskip('torch')
   model, _ = hf_models.make_hf_model(seed=0)
@@ -146,6 +149,7 @@ def test_generate_matches_transformers():
   assert lengths[0] == ours[0].tolist().index(eos) + 1 < steps
 
 
+@pytest.mark.slow
 def test_no_recompilation_within_a_bucket():
   params = random_params(TINY)
 

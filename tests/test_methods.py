@@ -100,6 +100,7 @@ def _uniform_slice(c, kc, mass=1.0):
   return pw_lib.CoreSlice(base=base, core=jnp.tile(jnp.arange(kc, dtype=jnp.int32), (c, 1)))
 
 
+@pytest.mark.slow
 def test_kernel_regression_is_weighted_mean_when_alpha_fixed():
   cs = _uniform_slice(2, 3, mass=0.8)
   w0 = pw_lib.base_weights(cs)
@@ -139,6 +140,7 @@ def test_mode_finding_converges_to_the_dominant_mode():
   assert bool(trace.finite)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', ['mc', 'rc'])
 def test_ngd_lowers_the_surrogate_loss(model, fmt):
   eng = _ngd_engine()
@@ -149,6 +151,7 @@ def test_ngd_lowers_the_surrogate_loss(model, fmt):
   assert np.all(losses[:, -1] < losses[:, 0] - 1e-4), losses
 
 
+@pytest.mark.slow
 def test_batched_equals_per_sample_and_is_deterministic(model):
   eng = _ngd_engine()
   _, nb, cs, w = _problem(model, eng)

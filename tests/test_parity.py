@@ -149,6 +149,7 @@ def test_load_sharded_hf_snapshot_equals_converted(converted):
   jax.tree.map(np.testing.assert_array_equal, params, want_params)
 
 
+@pytest.mark.slow
 def test_bfloat16_conversion_close_to_float32(converted, tmp_path):
   model, hf_dir, _, config, params32 = converted('mha_untied')
   result = convert.convert(hf_dir, str(tmp_path / 'bf16'), dtype='bfloat16')

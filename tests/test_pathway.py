@@ -56,6 +56,7 @@ def random_pathway(layers, b, seed, low=0.0):
   return {i: jnp.asarray(rng.uniform(low, 1.0, (b, E)), jnp.float32) for i in layers}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layers', [(L - 1,), tuple(range(L))])
 def test_identity_pathway_equals_no_pathway(layers):
   params = random_params(TINY)
@@ -121,6 +122,7 @@ def test_dense_gradient_matches_finite_differences():
   np.testing.assert_allclose(fd, want, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 def test_vmap_over_samples_matches_loop(mode):
   params = random_params(TINY)
@@ -143,6 +145,7 @@ def test_vmap_over_samples_matches_loop(mode):
     np.testing.assert_allclose(batched[i], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_jit_traces_pathway_values_not_keys():
   params = random_params(TINY)
   tokens, mask = mixed_batch()
@@ -164,6 +167,7 @@ def test_jit_traces_pathway_values_not_keys():
   assert traces == [(1,), (1, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('norm_topk_prob', [False, True])
 def test_override_matches_public_c3po_semantics(norm_topk_prob):
   torch = pytest.importorskip('torch')
@@ -211,6 +215,7 @@ def test_override_matches_public_c3po_semantics(norm_topk_prob):
   np.testing.assert_allclose(plain[:, :-1], want[:, :-1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_ragged_dispatch_equals_sorted_in_vmapped_pathway_gradient():
   """The model on 'ragged' dispatch: same logits and per-sample pathway gradients."""
   params = random_params(TINY)

@@ -217,6 +217,7 @@ def test_kernel_regression_chooses_alpha_on_the_evaluation_mode_loss():
   assert float(jnp.max(jnp.abs(ngd.losses[:, 0] - kr.losses[:, -1]))) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 def test_anchored_scores_equal_naive(mode):
   """Per-sequence anchors (a sample's own rows, per-choice contexts) on both backends."""
@@ -261,6 +262,7 @@ def test_store_spills_to_host_then_disk_and_reads_back(tmp_path):
   assert other.get(('r', 0)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', ['mc', 'rc'])
 def test_base_pass_states_equal_fresh_states_and_analysis(fmt):
   """The base pass's analysis and prefix states == `scoring.analyze` and `prepare_prefix`."""
@@ -276,6 +278,7 @@ def test_base_pass_states_equal_fresh_states_and_analysis(fmt):
   _assert_trees_close(st0, losses.prepare_prefix(_params(), CONFIG, 0, data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 def test_window_evaluation_of_a_test_sample_equals_its_full_forward(mode):
   """`path_scores` on the base pass's states == `analyze_remixed` (a second full forward)."""

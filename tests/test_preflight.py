@@ -138,6 +138,7 @@ def test_a_ten_megabyte_question_tokenizes_only_its_end():
   assert enc.context[-32:] == whole.context[-32:] and enc.continuations == whole.continuations
 
 
+@pytest.mark.slow
 @needs_demo
 def test_bare_command_from_another_directory_finds_the_demo(tmp_path):
   """The demo is found next to the package; a bad layer spec still fails before loading."""

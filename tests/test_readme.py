@@ -34,6 +34,7 @@ def test_the_python_api_section_has_its_examples():
   assert any('run_suite(' in b for b in BLOCKS) and any('RunConfig.make(' in b for b in BLOCKS)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(DEMO), reason='no shipped demo checkpoint')
 @pytest.mark.parametrize(
   'index',

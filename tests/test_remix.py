@@ -68,6 +68,7 @@ def _router_row(rng, e=64):
   return jax.nn.softmax(jnp.asarray(rng.normal(0, 1.5, e), jnp.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('param,enters', [('weights', True), ('logits', False)])
 def test_paper_lr_moves_an_expert_into_the_top8_only_with_weights(param, enters):
   """The issue's simulation: a perfectly consistent gradient towards expert #12.
@@ -222,6 +223,7 @@ def test_identity_pathway_reproduces_base_scores_in_every_format(fmt, per_choice
     assert float(jnp.max(jnp.abs(old.scores[:, 1:] - base.scores[:, 1:]))) > 1e-3
 
 
+@pytest.mark.slow
 def test_kr_alpha_one_grid_loss_is_the_base_models_loss():
   """With the test samples as their own neighbours, alpha = 1 scores the plain model."""
   params = _model()
@@ -304,6 +306,7 @@ def test_epsilon_ball_is_not_capped_at_k():
   assert int(capped.valid.sum()) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('position', ['first', 'middle'])
 def test_token_position_moves_the_pathway_site(position):
   """The re-mixed token (Table 3): routing is read and overridden there only."""

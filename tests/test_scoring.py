@@ -43,6 +43,7 @@ def _loglik(params, context, continuation):
   return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', ['rc', 'mc'])
 @pytest.mark.parametrize('task', ['arc_challenge', 'winogrande'])
 def test_scores_match_plain_loglikelihood(setup, fmt, task):
@@ -59,6 +60,7 @@ def test_scores_match_plain_loglikelihood(setup, fmt, task):
     assert np.all(np.isneginf(scores[i, len(p.continuations) :]))
 
 
+@pytest.mark.slow
 def test_analysis_states_are_at_last_context_token(setup):
   params, tok = setup
   examples = load_examples('arc_challenge', split='validation', limit=2)

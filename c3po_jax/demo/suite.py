@@ -82,7 +82,7 @@ WORLDS = {'remix': remix_world.make_families, 'control': families_lib.make_famil
 # Whether a world's references include its test phrasing (other problems). In
 # the remix world they do: with its plain phrasings alone, every neighbour is
 # answered at near-zero loss once routed to the family's experts, so the
-# neighbour loss cannot say more than "this family" (README, the remix world).
+# neighbour loss cannot say more than "this family" (docs/demo_world.md, "Why the references include the test phrasing").
 TEST_PHRASING_REFERENCES = {'remix': True, 'control': False}
 
 

@@ -58,7 +58,7 @@ class TrainConfig:
   warmup_steps: int = 100
   weight_decay: float = 0.01
   answer_weight: float = 10.0
-  aux_loss_coef: float = 0.001  # weak balancing, so experts can specialize (README: demo)
+  aux_loss_coef: float = 0.001  # weak balancing, so experts can specialize (docs/demo_world.md)
   route_coef: float = 1.0  # family -> expert group at the last context token (0: off)
   route_layers: int = 3  # the last N layers whose routing is assigned
   vocab_size: int = 1024  # tokenizer target; the model rounds up to 64

@@ -117,7 +117,7 @@ def ngd(
   Why it exists: in a world with few experts per token (top-2 of 8) the
   descent from a mis-routed base reaches low neighbour loss through dense
   mixtures of other experts, which do not carry over to the test sample,
-  while the neighbours' own experts are far away (README, remix-world
+  while the neighbours' own experts are far away (docs/demo_world.md, remix-world
   diagnostic). The path (Trace.path) then starts at the kernel mean.
   """
   opt = _optimizer(mc)

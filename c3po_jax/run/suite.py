@@ -35,6 +35,11 @@ CHECKPOINTS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'checkpoints'
 )
 DEMO_WORLDS = {'remix': 'demo', 'control': 'demo_control'}
+# How the suite table names the neighbour embedder (--embedder).
+EMBEDDERS = {
+  'moe': "model's own (MoEE: hidden state and routing logits)",
+  'minilm': "all-MiniLM-L6-v2 text (the paper's)",
+}
 # The embedded demo's default size: finishes in minutes on 2 CPU cores.
 DEMO_SIZE = {
   'max_test_samples': 100,
@@ -162,7 +167,12 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
   ref_splits = _reference_splits(rc.execution.output_dir, names)
   chance = {n: results.chance([r for r in all_rows if r['id'].startswith(f'{n}/')]) for n in names}
   chance['pooled'] = results.chance(all_rows)
-  table = format_suite_table(per_benchmark, pooled, chance)
+  table = format_suite_table(
+    per_benchmark,
+    pooled,
+    chance,
+    EMBEDDERS.get(rc.neighbourhood.embedder, rc.neighbourhood.embedder),
+  )
   print('\n' + table)
   vs_paper = None
   if 'paper' in manifest:
@@ -237,20 +247,35 @@ def _suite_provenance(output_dir: str, names: list[str], started: float) -> dict
   return first
 
 
-def format_suite_table(per_benchmark: dict, pooled: dict, chance: dict | None = None) -> str:
-  """Accuracy per benchmark and pooled; chance: {benchmark or 'pooled': fraction} as a last row."""
+def format_suite_table(
+  per_benchmark: dict, pooled: dict, chance: dict | None = None, embedder: str | None = None
+) -> str:
+  """Accuracy per benchmark, their mean, and pooled over every question (95% Wilson
+  interval, fixed/broken vs base, exact McNemar p); chance: {benchmark or 'pooled':
+  fraction} as a last row; embedder: the neighbour embedder, named under the table."""
   names = list(per_benchmark)
   width = max(8, *(len(n) for n in names))
-  head = f'{"method":<18}' + ''.join(f' {n:>{width}}' for n in names) + f' {"avg":>7} {"p":>7}'
+  head = f'{"method":<18}' + ''.join(f' {n:>{width}}' for n in names)
+  head += f' {"avg":>7} {"pooled":>7} {"95% CI":>11} {"+/-":>9} {"p":>9}'
   lines = [head, '-' * len(head)]
   for method, p in pooled.items():
     accs = [per_benchmark[n].get(method, {}).get('accuracy') for n in names]
     cells = ''.join(f' {"-" if a is None else f"{100 * a:.1f}":>{width}}' for a in accs)
     known = [a for a in accs if a is not None]
     avg = 100 * sum(known) / len(known) if known else float('nan')
-    lines.append(f'{method:<18}{cells} {avg:>7.1f} {p["mcnemar_p_vs_base"]:>7.3f}')
+    lo, hi = (100 * x for x in p.get('accuracy_ci95', (float('nan'),) * 2))
+    moved = f'+{p.get("improved_vs_base", 0)}/-{p.get("worsened_vs_base", 0)}'
+    lines.append(
+      f'{method:<18}{cells} {avg:>7.1f} {100 * p["accuracy"]:>7.1f} {f"{lo:.1f}-{hi:.1f}":>11}'
+      f' {moved:>9} {p["mcnemar_p_vs_base"]:>9.3g}'
+    )
   if chance:
     cells = ''.join(f' {100 * (chance.get(n) or 0):>{width}.1f}' for n in names)
     lines.append(f'{"chance":<18}{cells} {100 * (chance.get("pooled") or 0):>7.1f}')
-  lines.append('(accuracy %; avg: mean over benchmarks; p: exact McNemar vs base, pooled)')
+  lines.append(
+    '(accuracy %; avg: mean over benchmarks; pooled: every question, with its 95% Wilson'
+    ' interval; +/-: answers fixed/broken vs base; p: exact McNemar vs base, pooled)'
+  )
+  if embedder:
+    lines.append(f'(neighbours: {embedder})')
   return '\n'.join(lines)
