@@ -51,6 +51,8 @@ def main(argv):
     if suite:
       rc = suite_run.with_suite_settings(rc, suite, given)
       checks.check_suite(suite, suite_run.read_suite(suite), F.suite_split)
+    # The study varies NGD's settings: NGD's own (--per_method) are its starting point.
+    rc = rc.for_method('ngd').replace(per_method='')
     unknown = set(F.studies) - set(studies.STUDIES)
     if unknown:
       raise ValueError(f'unknown studies {sorted(unknown)}; choose from {studies.STUDIES}')

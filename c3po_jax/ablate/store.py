@@ -37,6 +37,8 @@ def effective(rc: RunConfig, config) -> dict:
   out['core_experts'] = e if m.core_experts <= 0 else min(m.core_experts, e)
   for name in ('checkpoint_dir', 'benchmark', 'split', 'reference', 'max_test_samples'):
     out.pop(name, None)  # named by the key's benchmark and test/reference fingerprints
+  if not out.get('per_method'):  # none (the study folds NGD's into the run's settings)
+    out.pop('per_method', None)
   return out
 
 
