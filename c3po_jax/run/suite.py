@@ -37,8 +37,8 @@ CHECKPOINTS = os.path.join(
 DEMO_WORLDS = {'remix': 'demo', 'control': 'demo_control'}
 # How the suite table names the neighbour embedder (--embedder).
 EMBEDDERS = {
-  'moe': "model's own (MoEE: hidden state and routing logits)",
-  'minilm': "all-MiniLM-L6-v2 text (the paper's)",
+  'moe': "MoEE, the model's own hidden state and routing logits (--embedder=moe)",
+  'minilm': "all-MiniLM-L6-v2 on the question text, the paper's (--embedder=minilm)",
 }
 # The embedded demo's default size: finishes in minutes on 2 CPU cores.
 DEMO_SIZE = {
