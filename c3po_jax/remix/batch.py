@@ -156,10 +156,7 @@ def _icl(b: BatchInputs):
   fewshot = [
     [refs.examples[j] for j, v in zip(nbh.index[i][::-1], nbh.valid[i][::-1]) if v] for i in b.idx
   ]
-  tests = [
-    encoding.encode(runner.tokenizer, runner.test[i], runner.rc.data.fmt, fs)
-    for i, fs in zip(b.idx, fewshot)
-  ]
+  tests = runner.encode([runner.test[i] for i in b.idx], fewshot)  # within --max_len
   an = jax.device_get(runner.engine.analyze(runner.params, runner.batch(tests)))
   return an.scores[: len(b.idx)], [{} for _ in b.idx]
 
