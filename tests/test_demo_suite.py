@@ -590,3 +590,43 @@ def test_frozen_pools_keep_every_draws_test_problems_out_of_dev_and_training(rem
     assert (
       remix_suite.problems[family.test_source, 'test'] == remix_suite.pools[family.name]['test'][:n]
     )
+
+
+def test_fewshot_documents_are_the_icl_prompt_of_their_question(remix_suite):
+  from c3po_jax.demo import data, train
+
+  docs = remix_suite.train_text
+  group_of = {s: f.name for f in remix_suite.families for s in f.sources}
+  out = data.fewshot_documents(docs, group_of, 0.2, 3, np.random.default_rng(0))
+  questions = [d for d in docs if d['target'] and d['source'] in group_of]
+  assert len(out) == round(0.2 * len(questions))
+  assert data.fewshot_documents(docs, group_of, 0.0, 3, np.random.default_rng(0)) == []
+  by_text = {d['text']: d for d in questions}
+  shots = set()
+  for doc in out:
+    *demos, last = doc['text'].split(data.FEWSHOT_SEPARATOR)
+    shots.add(len(demos))
+    q = by_text[last]  # the question's own prompt, its target and source kept
+    assert (doc['target'], doc['source']) == (q['target'], q['source'])
+    examples = []
+    for text in demos:  # each a solved question of the same family
+      d = next(d for d in questions if text == d['text'] + d['target'])
+      assert group_of[d['source']] == group_of[q['source']] and d is not q
+      examples.append(_example(d))
+    icl = prompts.format_example(_example(q), remix_suite.config.fmt, fewshot=examples)
+    assert (icl.context, icl.continuations[icl.gold]) == (doc['text'], doc['target'])
+  assert shots == {1, 2, 3}
+  # Routing is supervised at the question's last context token, after the demos.
+  tok = bpe.train_tokenizer(r['text'] + r['target'] for r in docs)
+  for (p, g), doc in zip(train.document_routes(remix_suite, tok, out[:20]), out[:20]):
+    assert p == len(tok.encode(doc['text']).ids) - 1
+    assert [f.name for f in remix_suite.families][g] == group_of[doc['source']]
+
+
+def _example(doc):
+  """The Example of a training document (its gold is the target)."""
+  from c3po_jax.tasks.example import Example
+
+  question = doc['text'].removeprefix('Question: ').removesuffix('\nAnswer:')
+  choices = (doc['target'][1:], 'other')
+  return Example(id='q', task=doc['source'], context=question, choices=choices, gold=0)

@@ -6,7 +6,9 @@ Every next-token prediction is a loss term of weight 1, the answer tokens' of
 weight `answer_weight`. A document may carry a routing target (its family's
 expert group at its last context token, see train.route_loss). Documents are right-padded into a few length buckets;
 a batch holds one bucket, [B, T] with B * T about `batch_tokens`, so the train
-step compiles once per bucket.
+step compiles once per bucket. Few-shot documents (`fewshot_documents`) put
+solved questions of the same family before a question, in the format of the
+suite's ICL prompts, so the model learns to read in-context examples.
 
 Dimensions: N documents, B batch, T tokens.
 """
@@ -20,6 +22,7 @@ import flax.struct
 import numpy as np
 
 from c3po_jax.demo import choice_scores
+from c3po_jax.tasks.prompts import FEWSHOT_SEPARATOR
 
 
 @flax.struct.dataclass
@@ -53,6 +56,42 @@ class Bucket:
       self.route_pos[rows],
       self.route_group[rows],
     )
+
+
+def fewshot_documents(
+  docs: Sequence[dict],
+  group_of: dict[str, str],
+  fraction: float,
+  max_shots: int,
+  rng: np.random.Generator,
+) -> list[dict]:
+  """Few-shot training documents built from the question documents of `docs`.
+
+  A `fraction` of the question documents (those with a target whose source is
+  in `group_of`) is drawn; each gets 1 to `max_shots` (uniform) other
+  question documents of its group (family) as solved examples before it:
+  text = demo text + demo target + FEWSHOT_SEPARATOR ... + own text, exactly
+  the string `format_example(q, fmt, fewshot=demos)` builds for an ICL
+  prompt. The target and source stay the question's.
+  """
+  if fraction <= 0 or max_shots <= 0:
+    return []
+  members: dict[str, list[int]] = {}
+  for i, d in enumerate(docs):
+    if d['target'] and d['source'] in group_of:
+      members.setdefault(group_of[d['source']], []).append(i)
+  questions = sorted(i for m in members.values() for i in m)
+  chosen = np.sort(rng.choice(questions, round(fraction * len(questions)), replace=False))
+  out = []
+  for i in chosen:
+    q = docs[i]
+    pool = members[group_of[q['source']]]
+    shots = int(rng.integers(1, max_shots + 1))
+    demos = [docs[pool[j]] for j in rng.choice(len(pool), shots + 1, replace=False)]
+    demos = [d for d in demos if d is not q][:shots]
+    text = ''.join(d['text'] + d['target'] + FEWSHOT_SEPARATOR for d in demos) + q['text']
+    out.append({'text': text, 'target': q['target'], 'source': q['source']})
+  return out
 
 
 def tokenize_documents(

@@ -1,7 +1,9 @@
 """Trains the demo OLMoE on the demo suite and saves a c3po-jax checkpoint.
 
 Next-token cross-entropy over the suite's training text (the answer tokens
-weighted up), plus a weak Switch-style load-balancing loss on the router
+weighted up), single questions and, for a `fewshot_fraction` of them, the same
+question after 1 to `max_shots` solved questions of its family (the suite's
+ICL prompt format, so ICL is a baseline the model can read), plus a weak Switch-style load-balancing loss on the router
 probabilities of every layer, which keeps experts from collapsing while
 leaving them room to specialize, plus (`route_coef` > 0, the remix world) a
 routing loss that gives each family its own group of experts in the last
@@ -68,7 +70,10 @@ class TrainConfig:
   num_experts: int = 8
   top_k: int = 2
   expert_hidden: int = 128
-  bucket_lengths: tuple[int, ...] = (16, 20, 24, 32)
+  # The context holds a 4-shot prompt of the suite's format (about 110 tokens).
+  bucket_lengths: tuple[int, ...] = (16, 20, 24, 32, 48, 64, 96, 128)
+  fewshot_fraction: float = 0.1  # share of questions also trained k-shot (0: none)
+  max_shots: int = 4  # k of a few-shot document: uniform in 1..max_shots
   eval_every: int = 1000
 
 
@@ -182,6 +187,9 @@ def train(cfg: TrainConfig, output_dir: str, overwrite: bool = False) -> dict:
   the_suite = suite.build_suite(suite.SuiteConfig(seed=cfg.suite_seed, world=cfg.world))
   docs = the_suite.train_text
   tok = bpe.train_tokenizer((d['text'] + d['target'] for d in docs), cfg.vocab_size)
+  group_of = {s: f.name for f in the_suite.families for s in f.sources}
+  rng = suite.stream(cfg.suite_seed, 'fewshot')
+  docs = docs + data.fewshot_documents(docs, group_of, cfg.fewshot_fraction, cfg.max_shots, rng)
   if the_suite.config.fmt == 'mc':
     bpe.letter_token_ids(tok)  # Fails early if a letter is not one token.
   config = model_config(cfg, tok.get_vocab_size())

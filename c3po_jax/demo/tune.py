@@ -3,7 +3,7 @@
 Per method (`--grid=per_method`, the default): every method with
 hyper-parameters gets its own dev grid of the same size (`GRIDS`, 4 points
 each: NGD learning rate x optimization mode, kernel regression kernel x k,
-mode finding alpha x neighbours, ICL shots (its k), prefix tuning and soft
+mode finding alpha x neighbours, ICL shots (its k: 1-4), prefix tuning and soft
 prompt learning rate x prompt length), runs with base alone at each point,
 and keeps the point with its best pooled dev accuracy (ties: the earlier
 point; each list is in order of preference). The choices go into the
@@ -77,7 +77,7 @@ GRIDS = {
   'ngd': {'lr': [0.1, 0.3], 'opt_pathway_mode': ['topk', 'dense']},
   'kernel_regression': {'kernel': ['gaussian', 'matern'], 'k': [3, 10]},
   'mode_finding': {'mode_alpha': [0.5, 0.8], 'mode_neighbours': [3, 10]},
-  'icl': {'k': [1, 2, 3, 5]},  # shots: ICL shows a test sample its k neighbours
+  'icl': {'k': [1, 2, 3, 4]},  # shots (its k neighbours shown): the 1-4 the model was trained on
   'prefix_tuning': {'baseline_lr': [0.1, 0.3], 'baseline_prefix_len': [5, 10]},
   'soft_prompt': {'baseline_lr': [0.1, 0.3], 'baseline_prefix_len': [5, 10]},
 }

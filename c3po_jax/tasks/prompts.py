@@ -40,7 +40,7 @@ from c3po_jax.tasks.example import Example
 
 FORMATS = ('rc', 'mc')
 LETTERS = string.ascii_uppercase
-_FEWSHOT_SEPARATOR = '\n\n'
+FEWSHOT_SEPARATOR = '\n\n'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +153,7 @@ def format_example(example: Example, fmt: str, *, fewshot: Sequence[Example] = (
   """
   if fmt not in FORMATS:
     raise ValueError(f'unknown prompt format {fmt!r}; want one of {FORMATS}')
-  demos = ''.join(_question(d, fmt, '').gold_text + _FEWSHOT_SEPARATOR for d in fewshot)
+  demos = ''.join(_question(d, fmt, '').gold_text + FEWSHOT_SEPARATOR for d in fewshot)
   return _question(example, fmt, _description(example) + demos)
 
 
