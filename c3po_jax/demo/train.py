@@ -70,7 +70,7 @@ class TrainConfig:
   num_experts: int = 8
   top_k: int = 2
   expert_hidden: int = 128
-  # The context holds a 4-shot prompt of the suite's format (about 110 tokens).
+  # The context holds a 4-shot prompt of the suite's format (at most 96 tokens).
   bucket_lengths: tuple[int, ...] = (16, 20, 24, 32, 48, 64, 96, 128)
   fewshot_fraction: float = 0.1  # share of questions also trained k-shot (0: none)
   max_shots: int = 4  # k of a few-shot document: uniform in 1..max_shots
