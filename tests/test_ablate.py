@@ -15,14 +15,13 @@ import pytest
 from c3po_jax.ablate import studies, study
 from c3po_jax.run import pipeline, results
 from c3po_jax.run.config import RunConfig
-from c3po_jax.testing.checkpoints import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+def ckpt(tiny_checkpoint):
+  return tiny_checkpoint  # conftest.py: one per session, read-only
 
 
 def _rc(ckpt, tmp_path, **kw):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -12,8 +13,8 @@ from c3po_jax.testing.checkpoints import make_checkpoint
 
 
 @pytest.mark.slow
-def test_run_returns_predictions_pathways_and_provenance(tmp_path):
-  ckpt = make_checkpoint(tmp_path / 'tiny')
+def test_run_returns_predictions_pathways_and_provenance(tiny_checkpoint, tmp_path):
+  ckpt = str(shutil.copytree(tiny_checkpoint, tmp_path / 'tiny'))  # overwritten below
   rc = c3po_jax.RunConfig.make(
     checkpoint_dir=ckpt,
     benchmark='arc_challenge',

@@ -26,6 +26,13 @@ def model():
   return checkpoints.loud_experts(transformer.init_params(TINY, jax.random.PRNGKey(0)))
 
 
+# Reference computations run under `jax.jit`: run op by op, JAX compiles one
+# program per primitive and shape (hundreds per test). Static settings are
+# bound, params and data are arguments (not compile-time constants).
+_forward = jax.jit(transformer.forward, static_argnames='config')
+_prompt_init = jax.jit(baselines.prompt_init, static_argnums=(0, 2, 4))
+
+
 def _prompts(rng, n, fmt='mc', choices=3):
   out = []
   for _ in range(n):
@@ -49,7 +56,7 @@ def _engine(**kw):
 
 @functools.cache
 def _engine_of(bc):
-  return engine.Engine(TINY, engine.EngineConfig(spec=SPEC, baseline=bc))
+  return engine.shared(TINY, engine.EngineConfig(spec=SPEC, baseline=bc))
 
 
 def _problem(q=3, k=3, fmt='mc', seed=0):
@@ -74,7 +81,7 @@ def _padded_tokens():
 @pytest.mark.slow
 def test_absent_or_empty_prefix_is_the_plain_forward(model):
   tokens, mask = _padded_tokens()
-  fwd = functools.partial(transformer.forward, model, tokens, config=TINY, attention_mask=mask)
+  fwd = functools.partial(_forward, model, tokens, config=TINY, attention_mask=mask)
   plain = fwd()
   empty_kv = jnp.zeros((2, 0, TINY.num_key_value_heads, TINY.head_dim))
   for kw in (
@@ -100,7 +107,7 @@ def test_prompt_of_an_instruction_is_that_instruction(model, kind):
   site = jnp.asarray([2, 6])
   pathway = {2: jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (b, TINY.num_experts)))}
   joined = jnp.concatenate([jnp.broadcast_to(jnp.asarray(IDS), (b, p)), tokens], axis=1)
-  want = transformer.forward(
+  want = _forward(
     model,
     joined,
     config=TINY,
@@ -108,8 +115,8 @@ def test_prompt_of_an_instruction_is_that_instruction(model, kind):
     pathway=pathway,
     pathway_index=site + p,
   )
-  prompt = baselines.prompt_init(kind, model, TINY, jnp.asarray(IDS), range(3))
-  got = transformer.forward(
+  prompt = _prompt_init(kind, model, TINY, jnp.asarray(IDS), range(3))
+  got = _forward(
     model,
     tokens,
     config=TINY,
@@ -214,14 +221,13 @@ def test_rows_fall_back_to_base_and_say_why():
 
 
 @pytest.mark.slow
-def test_pipeline_rows_and_summary(tmp_path):
+def test_pipeline_rows_and_summary(tiny_checkpoint, tmp_path):
   """Both baselines per sample through the run: rows with their loss traces, summary."""
   from c3po_jax.run import pipeline, results
   from c3po_jax.run.config import RunConfig
-  from c3po_jax.testing.checkpoints import make_checkpoint
 
   rc = RunConfig.make(
-    checkpoint_dir=make_checkpoint(tmp_path / 'tiny'),
+    checkpoint_dir=tiny_checkpoint,
     benchmark='arc_challenge',
     reference=('openbookqa',),
     methods=('base', 'soft_prompt', 'prefix_tuning'),
@@ -282,7 +288,7 @@ def test_reference_training_lowers_the_training_set_loss(model, kind, fmt):
   out = eng.train_prompt(kind, model, data, order, IDS)
   assert bool(out.finite) and np.asarray(out.losses).shape == (12,)
   layer_ids = baselines.prefix_layer_ids(eng.ec.baseline, TINY, SPEC.layers)
-  start = baselines.prompt_init(kind, model, TINY, jnp.asarray(IDS), layer_ids)
+  start = _prompt_init(kind, model, TINY, jnp.asarray(IDS), layer_ids)
   before = _set_loss(eng, kind, model, start, data)
   after = _set_loss(eng, kind, model, out.prompt, data)
   assert after < before - 1e-3, (before, after)
@@ -295,7 +301,7 @@ def test_prompted_with_the_start_prompt_is_the_model_after_the_instruction(model
   eng = _engine()
   data = _training_set(n=3)
   layer_ids = baselines.prefix_layer_ids(eng.ec.baseline, TINY, SPEC.layers)
-  start = baselines.prompt_init(kind, model, TINY, jnp.asarray(IDS), layer_ids)
+  start = _prompt_init(kind, model, TINY, jnp.asarray(IDS), layer_ids)
   got = np.asarray(eng.prompted(kind, model, start, data))
   rng = np.random.default_rng(3)
   with_text = [
@@ -314,7 +320,7 @@ def test_rows_of_a_non_finite_trained_prompt_keep_the_base_answer(model):
   base = np.arange(6, dtype=np.float32).reshape(2, 3)
   tests = _training_set(n=2)
   layer_ids = baselines.prefix_layer_ids(eng.ec.baseline, TINY, SPEC.layers)
-  start = baselines.prompt_init('soft_prompt', model, TINY, jnp.asarray(IDS), layer_ids)
+  start = _prompt_init('soft_prompt', model, TINY, jnp.asarray(IDS), layer_ids)
   runner = types.SimpleNamespace(
     engine=eng,
     params=model,
@@ -334,12 +340,11 @@ def test_rows_of_a_non_finite_trained_prompt_keep_the_base_answer(model):
       assert [e['fallback'] for e in extras] == ['nan', 'nan']
 
 
-def _reference_scope_config(tmp_path, **kw):
+def _reference_scope_config(ckpt, tmp_path, **kw):
   from c3po_jax.run.config import RunConfig
-  from c3po_jax.testing.checkpoints import make_checkpoint
 
   settings = dict(
-    checkpoint_dir=make_checkpoint(tmp_path / 'tiny'),
+    checkpoint_dir=ckpt,
     benchmark='arc_challenge',
     reference=('openbookqa',),
     methods=('base', 'soft_prompt', 'prefix_tuning'),
@@ -359,12 +364,14 @@ def _reference_scope_config(tmp_path, **kw):
 
 
 @pytest.mark.slow
-def test_pipeline_trains_one_prompt_per_benchmark_and_resume_reuses_it(tmp_path, monkeypatch):
+def test_pipeline_trains_one_prompt_per_benchmark_and_resume_reuses_it(
+  tiny_checkpoint, tmp_path, monkeypatch
+):
   """The paper's form end to end: one prompt trained on the references, saved, reused."""
   from c3po_jax.run import pipeline, results
   from c3po_jax.run.runner import Runner
 
-  rc = _reference_scope_config(tmp_path)
+  rc = _reference_scope_config(tiny_checkpoint, tmp_path)
   pipeline.run(rc)
   run = tmp_path / 'run'
   for kind in baselines.KINDS:
@@ -388,7 +395,10 @@ def test_pipeline_trains_one_prompt_per_benchmark_and_resume_reuses_it(tmp_path,
   def counting_open(rc, mesh=None):
     runner = real_open(rc, mesh)
     train = runner.engine.train_prompt
-    runner.engine.train_prompt = lambda *a: calls.append(a[0]) or train(*a)
+    if not getattr(train, 'counting', False):  # engines are shared per process: wrap once
+      counting = lambda *a: calls.append(a[0]) or train(*a)
+      counting.counting = True
+      monkeypatch.setattr(runner.engine, 'train_prompt', counting)  # undone after the test
     return runner
 
   monkeypatch.setattr(Runner, 'open', counting_open)
@@ -407,12 +417,12 @@ def test_pipeline_trains_one_prompt_per_benchmark_and_resume_reuses_it(tmp_path,
 
 
 @pytest.mark.slow
-def test_benchmarks_sharing_a_runner_keep_their_own_prompts(tmp_path):
+def test_benchmarks_sharing_a_runner_keep_their_own_prompts(tiny_checkpoint, tmp_path):
   """A suite's benchmarks share one runner: each prompt lands in its own benchmark's folder."""
   from c3po_jax.run import pipeline
 
   first = _reference_scope_config(
-    tmp_path, methods=('base', 'soft_prompt'), output_dir=str(tmp_path / 'arc')
+    tiny_checkpoint, tmp_path, methods=('base', 'soft_prompt'), output_dir=str(tmp_path / 'arc')
   )
   second = first.replace(
     benchmark='arc_easy', max_reference_samples=6, output_dir=str(tmp_path / 'easy')

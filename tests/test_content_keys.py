@@ -15,7 +15,6 @@ import pytest
 from c3po_jax.run import pipeline, results
 from c3po_jax.run.config import RunConfig
 from c3po_jax.tasks.encoding import EncodedPrompt, content_hash
-from c3po_jax.testing.checkpoints import make_checkpoint
 
 QUESTIONS = [
   {
@@ -70,8 +69,8 @@ def _write(path, rows):
 
 
 @pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+def ckpt(tiny_checkpoint):
+  return tiny_checkpoint  # conftest.py: one per session, read-only
 
 
 def _config(ckpt, tmp_path, test_file, out, **kw):

@@ -323,13 +323,17 @@ def test_scorer_matches_unpadded_forward(small, tok):
   # sequences leave filler rows; sequences are right-padded.
   rows = small.records['cmp_greatest', 'dev'][:3] + small.records['fact_true', 'reference'][:2]
   got = choice_scores.choice_log_probs(params, config, tok, rows, batch_size=4, max_len=64)
+  # The unpadded forward, jitted (one program per length rather than eager op by op).
+  log_probs = jax.jit(
+    lambda p, ids: jax.nn.log_softmax(transformer.forward(p, ids, config=config).logits[0])
+  )
   for r, lp in zip(rows, got):
     assert lp.shape == (len(r['choices']),)
     context = tok.encode(prompts.format_question(r['question'], ['x', 'y'], 'rc')[0]).ids
     for c, choice in enumerate(r['choices']):
       cont = tok.encode(' ' + choice).ids
       ids = jnp.asarray([context + cont])
-      logp = jax.nn.log_softmax(transformer.forward(params, ids, config=config).logits[0])
+      logp = log_probs(params, ids)
       want = sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(cont))
       np.testing.assert_allclose(lp[c], want, atol=1e-4)
   assert list(choice_scores.predictions(got)) == [int(np.argmax(lp)) for lp in got]

@@ -222,13 +222,10 @@ def tiny(tmp_path_factory):
 
 def _env(devices=1):
   env = dict(os.environ)
-  flags = (
-    f'--xla_force_host_platform_device_count={devices}',
-    # Compiling is most of each run: skip LLVM's slow optimizations (same in every run).
-    '--xla_backend_optimization_level=0',
-    '--xla_llvm_disable_expensive_passes=true',
-  )
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags))
+  # Compiling is most of each run: the suite's fast-compile flags (conftest.py, the
+  # same in every run), and the host device count.
+  flags = (os.environ.get('XLA_FLAGS', ''), f'--xla_force_host_platform_device_count={devices}')
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags).strip())
   return env
 
 

@@ -163,14 +163,13 @@ def test_minilm_embeddings_match_the_library_by_hand(tmp_path):
 @needs_minilm
 @pytest.mark.slow
 @pytest.mark.parametrize('embedder', ['minilm', 'moe'])
-def test_run_with_each_embedder_on_real_rows(tmp_path, embedder):
+def test_run_with_each_embedder_on_real_rows(tiny_checkpoint, tmp_path, embedder):
   """ARC-Challenge against OpenBookQA references: the neighbours come from the embedder."""
   from c3po_jax.run import pipeline, results
   from c3po_jax.run.config import RunConfig
-  from c3po_jax.testing.checkpoints import make_checkpoint
 
   rc = RunConfig.make(
-    checkpoint_dir=make_checkpoint(tmp_path / 'tiny'),
+    checkpoint_dir=tiny_checkpoint,
     benchmark='arc_challenge',
     reference=('openbookqa',),
     methods=('base', 'kernel_regression'),

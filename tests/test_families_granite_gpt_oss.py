@@ -44,7 +44,13 @@ BUILDERS = {
 }
 RESULTS: dict[str, float] = {}
 
+# Jitted once here: eagerly each primitive would compile on its own (hundreds of programs).
 _forward = jax.jit(transformer.forward, static_argnames=('config', 'pathway_mode'))
+_forward_hidden = jax.jit(transformer.forward_hidden, static_argnames=('config', 'pathway_mode'))
+_prepare = jax.jit(prefix.prepare, static_argnums=(1, 2, 6))  # config, first layer, window
+_window_forward = jax.jit(prefix.window_forward, static_argnums=(1, 2, 5))  # ..., pathway_mode
+_prefill = jax.jit(decode.prefill, static_argnames=('config', 'cache_size', 'pathway_mode'))
+_decode_step = jax.jit(decode.decode_step, static_argnames=('config',))
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -180,9 +186,9 @@ def test_window_forward_equals_the_full_forward(mode):
   start, window, first = jnp.asarray([6, 5, 3]), 3, 2
   rng = np.random.default_rng(0)
   pathway = {3: jnp.asarray(rng.uniform(0, 1, (3, config.num_experts)), jnp.float32)}
-  state = prefix.prepare(params, config, first, tokens, mask, start, window)
-  got = prefix.window_forward(params, config, first, state, pathway, mode)
-  full = transformer.forward_hidden(
+  state = _prepare(params, config, first, tokens, mask, start, window)
+  got = _window_forward(params, config, first, state, pathway, mode)
+  full = _forward_hidden(
     params,
     tokens,
     config=config,
@@ -201,7 +207,7 @@ def test_cached_decode_equals_the_full_forward():
   params = _random_params(config)
   lengths, steps = [7, 4], 4
   tokens, mask = padded_batch(9, config.vocab_size, lengths, 7, 0, True)  # left-padded
-  logits, cache, _ = decode.prefill(
+  logits, cache, _ = _prefill(
     params,
     jnp.asarray(tokens),
     config=config,
@@ -211,11 +217,11 @@ def test_cached_decode_equals_the_full_forward():
   fed = np.random.default_rng(1).integers(3, config.vocab_size, (2, steps))
   got = [logits]
   for i in range(steps):
-    logits, cache = decode.decode_step(params, cache, jnp.asarray(fed[:, i]), config=config)
+    logits, cache = _decode_step(params, cache, jnp.asarray(fed[:, i]), config=config)
     got.append(logits)
   for b, n in enumerate(lengths):
     seq = np.concatenate([tokens[b][mask[b] == 1], fed[b]])[None]
-    full = transformer.forward(params, jnp.asarray(seq), config=config)
+    full = _forward(params, jnp.asarray(seq), config=config)
     np.testing.assert_allclose(np.stack(got)[:, b], full.logits[0, n - 1 :], atol=2e-5)
 
 

@@ -40,7 +40,13 @@ TINY = {
 }
 LENGTHS, T = [9, 6, 3], 9
 
+# Jitted once here: eagerly each primitive would compile on its own (hundreds of programs).
 _forward = jax.jit(transformer.forward, static_argnames=('config', 'pathway_mode'))
+_forward_hidden = jax.jit(transformer.forward_hidden, static_argnames=('config', 'pathway_mode'))
+_prepare = jax.jit(prefix.prepare, static_argnums=(1, 2, 6))  # config, first layer, window
+_window_forward = jax.jit(prefix.window_forward, static_argnums=(1, 2, 5))  # ..., pathway_mode
+_prefill = jax.jit(decode.prefill, static_argnames=('config', 'cache_size', 'pathway_mode'))
+_decode_step = jax.jit(decode.decode_step, static_argnames=('config',))
 
 
 def _tiny_config(family):
@@ -213,12 +219,12 @@ def test_cached_decode_matches_full_forward(family):
   config, params = _random_params(family)
   tokens, mask = padded_batch(1, config.vocab_size, [7, 4], 7, 0, False)
   fed = np.random.default_rng(1).integers(3, config.vocab_size, (2, 3))
-  logits, cache, _ = decode.prefill(
+  logits, cache, _ = _prefill(
     params, jnp.asarray(tokens), config=config, attention_mask=jnp.asarray(mask), cache_size=10
   )
   got = [logits]
   for s in range(3):
-    logits, cache = decode.decode_step(params, cache, jnp.asarray(fed[:, s]), config=config)
+    logits, cache = _decode_step(params, cache, jnp.asarray(fed[:, s]), config=config)
     got.append(logits)
   for b, n in enumerate([7, 4]):
     seq = np.concatenate([tokens[b, :n], fed[b]])[None]
@@ -237,9 +243,9 @@ def test_prefix_window_equals_the_full_forward(family, mode):
   start, u, first = jnp.asarray([5, 3]), 3, config.moe_layers[-2]
   w = jax.random.uniform(jax.random.key(4), (2, config.num_experts))
   pathway = {i: w for i in config.moe_layers[-2:]}
-  st = prefix.prepare(params, config, first, tokens, mask, start, u)
-  got = prefix.window_forward(params, config, first, st, pathway, mode)  # [B, U, D]
-  full = transformer.forward_hidden(
+  st = _prepare(params, config, first, tokens, mask, start, u)
+  got = _window_forward(params, config, first, st, pathway, mode)  # [B, U, D]
+  full = _forward_hidden(
     params,
     tokens,
     config=config,

@@ -40,13 +40,30 @@ def model():
   return checkpoints.loud_experts(transformer.init_params(TINY, jax.random.PRNGKey(0)))
 
 
+# Setup and reference computations run under `jax.jit`: run op by op, JAX compiles
+# one program per primitive and shape (hundreds per test). Static settings are
+# bound, params and data are arguments (not compile-time constants).
+_base_weights = jax.jit(jax.vmap(pw_lib.base_weights))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _core_slices(eng, base_probs):
+  return eng.core_slices(base_probs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _naive_losses(ec, mode, params, w, cs, nb, weights):
+  """The naive backend's loss in `mode` of Q samples [Q, ...] at core weights w [Q, C, Kc]."""
+  return jax.vmap(losses.NaiveLoss.make_loss(params, TINY, ec, mode))(w, cs, nb, weights)
+
+
 def _engine(**kw):
   mc = methods.MethodConfig(
     **{k: v for k, v in kw.items() if k in methods.MethodConfig.__dataclass_fields__}
   )
   ec_kw = {k: v for k, v in kw.items() if k in ('loss', 'opt_pathway_mode', 'eval_pathway_mode')}
   spec = kw.get('spec', SPEC)
-  return engine.Engine(TINY, engine.EngineConfig(spec=spec, method=mc, **ec_kw))
+  return engine.shared(TINY, engine.EngineConfig(spec=spec, method=mc, **ec_kw))
 
 
 @functools.cache
@@ -61,7 +78,7 @@ def _problem(model, eng, q=3, k=3, fmt='mc', seed=0):
   nb = scoring.make_batch(_prompts(rng, q * k, fmt), num_choices=3)
   nb = jax.tree.map(lambda x: x.reshape((q, k) + x.shape[1:]), nb)
   base = eng.analyze(model, test)
-  cs = eng.core_slices(base.router_probs)
+  cs = _core_slices(eng, base.router_probs)
   w = jnp.asarray(rng.uniform(0.1, 1.0, (q, k)), jnp.float32)
   return test, nb, cs, w
 
@@ -252,10 +269,9 @@ def test_loss_before_and_after_are_taken_as_the_model_routes(model, mode):
   eng = _engine(ngd_steps=2, lr=0.1, opt_pathway_mode=mode)
   _, nb, cs, w = _problem(model, eng)
   out = eng.ngd(model, cs, eng.prepare(model, nb), w)
-  naive = losses.NaiveLoss.make_loss(model, TINY, eng.ec, 'topk')
-  w0 = jax.vmap(pw_lib.base_weights)(cs)
-  want_before = jax.vmap(naive)(w0, cs, nb, w)
-  want_after = jax.vmap(naive)(out.trace.w, cs, nb, w)
+  w0 = _base_weights(cs)
+  want_before = _naive_losses(eng.ec, 'topk', model, w0, cs, nb, w)
+  want_after = _naive_losses(eng.ec, 'topk', model, out.trace.w, cs, nb, w)
   np.testing.assert_allclose(out.loss_before, want_before, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out.loss_after, want_after, rtol=1e-4, atol=1e-5)
   first = np.asarray(out.trace.losses)[:, 0]

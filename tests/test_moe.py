@@ -271,8 +271,11 @@ def test_folding_pathway_gradient_copies_no_expert_weights(dispatch):
     return jnp.sum(fn(x, w, idx, params) * ct)
 
   grad = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
-  hlo = grad.lower(x, weights, indices, cotangent).compile().as_text()
+  lowered = grad.lower(x, weights, indices, cotangent)
+  hlo = lowered.compile().as_text()
   e, d, f = params['gate'].shape
   assert f'[3,{e},{d},{f}]' not in hlo
   assert f'[3,{d},{f}]' not in hlo and f'[3,{f},{d}]' not in hlo
-  assert dispatch != 'ragged' or 'while' not in hlo
+  # Our program (before XLA): the CPU backend may itself expand ragged_dot into a
+  # loop (it does with the test suite's fast-compile flags), which is not ours.
+  assert dispatch != 'ragged' or 'while' not in lowered.as_text()

@@ -44,6 +44,18 @@ def _params():
   return jax.tree.map(draw, params)
 
 
+# Reference computations run under `jax.jit`: run op by op, JAX compiles one
+# program per primitive and shape (hundreds per test). Static settings are
+# bound, params and data are arguments (not compile-time constants).
+_analyze = jax.jit(functools.partial(scoring.analyze, config=CONFIG))
+_prepare_prefix = jax.jit(losses.prepare_prefix, static_argnums=(1, 2))
+_analyze_and_prepare = jax.jit(losses.analyze_and_prepare, static_argnums=(1, 2))
+_fit = jax.jit(losses.fit, static_argnums=(1, 2))
+_base_weights = jax.jit(jax.vmap(pw_lib.base_weights))
+_stack = jax.jit(lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees))
+_take = jax.jit(lambda tree, rows: jax.tree.map(lambda x: x[rows], tree))
+
+
 def _prompts(fmt: str, seed: int = 0) -> list[EncodedPrompt]:
   """Three neighbours of different lengths; one has fewer choices (mc)."""
   rng = np.random.default_rng(seed)
@@ -129,13 +141,23 @@ def _engine():
   spec = pw_lib.PathwaySpec.make(L, E, (1, 3), NUM_CORE)
   mc = methods.MethodConfig(ngd_steps=3, lr=0.1, lr_end=0.01, alpha_grid=5)
   ec = engine.EngineConfig(spec=spec, method=mc, loss='gold_nll')
-  return engine.Engine(CONFIG, ec)
+  return engine.shared(CONFIG, ec)
 
 
 def _own_state(eng, prompt, kw):
   """One prompt's state [1, ...] at its own buckets, prepared alone."""
-  data = scoring.make_batch([prompt], **kw)
-  return jax.tree.map(lambda x: x[0], eng.prepare(_params(), jax.tree.map(lambda x: x[None], data)))
+  return _prepare_one(eng, _params(), scoring.make_batch([prompt], **kw))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prepare_one(eng, params, data):
+  """eng.prepare of one neighbour batch [N, ...] (as Q = 1) -> state [N, ...]."""
+  return jax.tree.map(lambda x: x[0], eng.prepare(params, jax.tree.map(lambda x: x[None], data)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefix_loss(ec, params, q, cs, state, weights):
+  return losses.PrefixLoss.make_loss(params, CONFIG, ec)(q, cs, state, weights)
 
 
 @pytest.mark.slow
@@ -146,24 +168,22 @@ def test_state_cache_pads_cuts_and_evicts():
   sizes = [state_cache.nbytes(_own_state(eng, p, kw)) for p in prompts]
   assert len(set(sizes)) > 1  # a byte bound, not a count: states differ in size
   bound = sizes[0] + sizes[2] + sizes[3]  # room for the three used last
-  cache = state_cache.StateCache(eng.prepare, losses.fit, max_bytes=bound)
+  cache = state_cache.StateCache(eng.prepare, _fit, max_bytes=bound)
   order = [0, 1, 2, 0, 3, 0]  # two test samples' neighbours; reference 0 recurs
   got = cache.states(_params(), [('r', i) for i in order], [prompts[i] for i in order], **kw)
   assert (cache.misses, cache.hits, len(cache)) == (4, 2, 3)
   assert cache.device_bytes == bound
   assert ('r', 1) not in cache and all(('r', i) in cache for i in (0, 2, 3))  # LRU went
   # Reference: the four prepared together, at the batch's buckets.
-  direct = eng.prepare(
-    _params(), jax.tree.map(lambda x: x[None], scoring.make_batch(prompts, **kw))
-  )
-  want = jax.tree.map(lambda x: x[0, np.asarray(order)], direct)
+  direct = _prepare_one(eng, _params(), scoring.make_batch(prompts, **kw))
+  want = _take(direct, np.asarray(order))
   assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
   _, cs, q = _slice((1, 3))
-  loss_fn = jax.jit(losses.PrefixLoss.make_loss(_params(), CONFIG, eng.ec))
+  loss_fn = functools.partial(_prefix_loss, eng.ec, _params())
   w = jnp.linspace(0.5, 1.0, len(order))
   np.testing.assert_allclose(loss_fn(q, cs, got, w), loss_fn(q, cs, want, w), atol=TOL, rtol=0)
   # Cutting slots that hold real tokens does change it (the check can fail).
-  cut = losses.fit(losses.fit(want, 16, 1), 32, 4)
+  cut = _fit(_fit(want, 16, 1), 32, 4)
   assert abs(float(loss_fn(q, cs, cut, w) - loss_fn(q, cs, want, w))) > 1e-3
 
 
@@ -171,10 +191,8 @@ def _engine_problem(seed, q=3):
   """Q mc test samples, each with 3 neighbours, kernel weights and a core slice."""
   rng = np.random.default_rng(seed)
   seeds = rng.integers(1 << 30, size=q)
-  nb = jax.tree.map(
-    lambda *xs: jnp.stack(xs), *[_batch('mc', int(s)) for s in seeds]
-  )  # [Q, N, ...]
-  cs = jax.tree.map(lambda *xs: jnp.stack(xs), *[_slice((1, 3), int(s))[1] for s in seeds])
+  nb = _stack([_batch('mc', int(s)) for s in seeds])  # [Q, N, ...]
+  cs = _stack([_slice((1, 3), int(s))[1] for s in seeds])
   w = jnp.asarray(rng.uniform(0.1, 1.0, (q, 3)), jnp.float32)
   return nb, cs, w
 
@@ -208,13 +226,27 @@ def test_kernel_regression_chooses_alpha_on_the_evaluation_mode_loss():
   kr = eng.kernel_regression(_params(), cs, data, w, w_nb).trace
   # The alpha grid's last point (alpha = 1) is the base pathway, scored in
   # top-k mode as the result will be evaluated: the naive top-k forward.
-  naive = losses.NaiveLoss.make_loss(_params(), CONFIG, eng.ec, 'topk')
-  w0 = jax.vmap(pw_lib.base_weights)(cs)
-  want = jax.vmap(lambda c, d, wt, x: naive(x, c, d, wt))(cs, nb, w, w0)
+  w0 = _base_weights(cs)
+  want = _naive_losses(eng.ec, 'topk', _params(), cs, nb, w, w0)
   np.testing.assert_allclose(kr.losses[:, -1], want, atol=TOL, rtol=0)
   # ... which is not NGD's dense starting loss.
   ngd = eng.ngd(_params(), cs, data, w).trace
   assert float(jnp.max(jnp.abs(ngd.losses[:, 0] - kr.losses[:, -1]))) > 1e-4
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _naive_losses(ec, mode, params, cs, nb, weights, w):
+  """NaiveLoss in `mode` of Q samples [Q, ...] at their core weights w [Q, C, Kc]."""
+  naive = losses.NaiveLoss.make_loss(params, CONFIG, ec, mode)
+  return jax.vmap(lambda c, d, wt, x: naive(x, c, d, wt))(cs, nb, weights, w)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _anchored_scores(name, ec, mode, params, w, cs, data, anchors):
+  """A loss backend's anchored scores [N, C] in `mode`, from its own state."""
+  backend = losses.BACKENDS[name]
+  state = backend.prepare(params, CONFIG, ec, data)
+  return backend.make_scores(params, CONFIG, ec, mode)(w, cs, state, anchors)
 
 
 @pytest.mark.slow
@@ -224,12 +256,12 @@ def test_anchored_scores_equal_naive(mode):
   spec, cs, w = _slice((1, 3))
   data = _batch('rc')  # prompt 1 has one context per choice
   ec = engine.EngineConfig(spec=spec, opt_pathway_mode=mode)
-  an = scoring.analyze(_params(), data, config=CONFIG)
+  an = _analyze(_params(), data)
   anchors = an.seq_router_probs[:, :, jnp.asarray(spec.layers)]  # [N, S, C, E]
-  got = {}
-  for name, backend in losses.BACKENDS.items():
-    state = backend.prepare(_params(), CONFIG, ec, data)
-    got[name] = backend.make_scores(_params(), CONFIG, ec, mode)(w, cs, state, anchors)
+  got = {
+    name: _anchored_scores(name, ec, mode, _params(), w, cs, data, anchors)
+    for name in losses.BACKENDS
+  }
   np.testing.assert_allclose(got['prefix'], got['naive'], atol=TOL, rtol=0)
 
 
@@ -270,12 +302,12 @@ def test_base_pass_states_equal_fresh_states_and_analysis(fmt):
   an, st = jax.jit(functools.partial(losses.analyze_and_prepare, config=CONFIG, first_layer=1))(
     _params(), data=data
   )
-  _assert_trees_close(an, scoring.analyze(_params(), data, config=CONFIG))
-  _assert_trees_close(st, losses.prepare_prefix(_params(), CONFIG, 1, data))
+  _assert_trees_close(an, _analyze(_params(), data))
+  _assert_trees_close(st, _prepare_prefix(_params(), CONFIG, 1, data))
   # first_layer = 0: every layer's keys are kept.
-  an0, st0 = losses.analyze_and_prepare(_params(), CONFIG, 0, data)
+  an0, st0 = _analyze_and_prepare(_params(), CONFIG, 0, data)
   _assert_trees_close(an0.scores, an.scores)
-  _assert_trees_close(st0, losses.prepare_prefix(_params(), CONFIG, 0, data))
+  _assert_trees_close(st0, _prepare_prefix(_params(), CONFIG, 0, data))
 
 
 @pytest.mark.slow
@@ -283,7 +315,7 @@ def test_base_pass_states_equal_fresh_states_and_analysis(fmt):
 def test_window_evaluation_of_a_test_sample_equals_its_full_forward(mode):
   """`path_scores` on the base pass's states == `analyze_remixed` (a second full forward)."""
   spec, cs, w = _slice((1, 3))
-  eng = engine.Engine(CONFIG, engine.EngineConfig(spec=spec, eval_pathway_mode=mode))
+  eng = engine.shared(CONFIG, engine.EngineConfig(spec=spec, eval_pathway_mode=mode))
   data = _batch('rc')  # per-choice contexts: each sequence keeps its own rows
   an, st = eng.analyze_prepared(_params(), data)
   q = data.size

@@ -62,7 +62,10 @@ def test_descent_direction_matches_full_forward_derivation(setup):
 
   eng, params, config = runner.engine, runner.params, runner.config
   spec = eng.ec.spec
-  naive = losses.NaiveLoss.make_loss(params, config, eng.ec, 'dense')
+  # One program (params an argument), not an eager op-by-op pass per sample.
+  naive_grad = jax.jit(
+    lambda p, *a: jax.grad(losses.NaiveLoss.make_loss(p, config, eng.ec, 'dense'))(*a)
+  )
   ref_prompts = runner.encode(refs.examples)
   for i in (0, 4):  # the first batch and the padded last one
     pidx = [i] * runner.rc.execution.batch_size
@@ -70,7 +73,7 @@ def test_descent_direction_matches_full_forward_derivation(setup):
     cs = pw_lib.core_slice(jnp.asarray(probs[i]), spec)
     w0 = pw_lib.base_weights(cs)
     one = jax.tree.map(lambda a: a[0], data)
-    g = np.asarray(jax.grad(naive)(w0, cs, one, w[0]))  # [C, Kc]
+    g = np.asarray(naive_grad(params, w0, cs, one, w[0]))  # [C, Kc]
     rows = [
       np.asarray(pw_lib.core_weights(jnp.asarray(refs.router_probs[j]), cs.core, spec.layers))
       for j in nbh.index[i]

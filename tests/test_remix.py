@@ -111,6 +111,25 @@ def _model():
   return checkpoints.loud_experts(transformer.init_params(TINY, jax.random.PRNGKey(0)))
 
 
+# Setup and reference computations run under `jax.jit`: run op by op, JAX compiles
+# one program per primitive and shape (hundreds per test). Static settings are
+# bound, params and data are arguments (not compile-time constants).
+_forward = jax.jit(transformer.forward, static_argnames='config')
+_forward_hidden = jax.jit(transformer.forward_hidden, static_argnames=('config', 'pathway_mode'))
+_analyze = jax.jit(scoring.analyze, static_argnames=('config', 'pathway_mode'))
+_base_weights = jax.jit(jax.vmap(pw_lib.base_weights))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _core_slices(eng, base_probs):
+  return eng.core_slices(base_probs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _neighbour_weights(eng, cs, ref_probs):
+  return eng.neighbour_weights(cs, ref_probs)
+
+
 @pytest.mark.slow
 def test_dense_mode_mixes_exactly_the_given_core():
   params = _model()
@@ -120,21 +139,27 @@ def test_dense_mode_mixes_exactly_the_given_core():
   w = np.zeros((2, E), np.float32)
   w[:, core] = [[0.3, 0.2, 0.1], [0.05, 0.5, 0.25]]  # sums below 1: used as given
   layer = L - 1
-  out = transformer.forward_hidden(
+  out = _forward_hidden(
     params, tokens, config=TINY, pathway={layer: jnp.asarray(w)}, pathway_mode='dense'
   )
-  plain = transformer.forward_hidden(params, tokens, config=TINY)
-  # Re-run the last layer by hand: its input is unchanged (no earlier pathway).
+  plain = _forward_hidden(params, tokens, config=TINY)
+  want = _dense_last_layer_by_hand(layer, params, tokens, jnp.asarray(w))
+  np.testing.assert_allclose(out.hidden[:, -1], want, atol=2e-5)
+  np.testing.assert_allclose(out.hidden[:, :-1], plain.hidden[:, :-1], atol=1e-6)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_last_layer_by_hand(layer, params, tokens, w):
+  """The last position's final hidden state [B, D], `layer` (the last) re-run by hand
+  with its expert mix w [B, E]: its input is unchanged (no earlier pathway)."""
   model = params_lib.bind(params, TINY)
   m = model.layer(layer)
   x = _layer_input(model, tokens, layer)
   h_attn = x + _attn(m, x)
   h = m.post_attn_norm(h_attn)[:, -1]
   y = moe_lib.expert_outputs(h, params[f'layer_{layer}']['moe']['experts'])  # [B, E, D]
-  want_last = h_attn[:, -1] + jnp.einsum('bed,be->bd', y, jnp.asarray(w))
-  want = model.final_norm(want_last)
-  np.testing.assert_allclose(out.hidden[:, -1], want, atol=2e-5)
-  np.testing.assert_allclose(out.hidden[:, :-1], plain.hidden[:, :-1], atol=1e-6)
+  want_last = h_attn[:, -1] + jnp.einsum('bed,be->bd', y, w)
+  return model.final_norm(want_last)
 
 
 def _layer_input(model, tokens, layer):
@@ -189,7 +214,7 @@ def _prompts(rng, n, fmt, per_choice=False, choices=3):
 
 def _engine(**ec):
   spec = pw_lib.PathwaySpec.make(L, E, 'last:2', 6)
-  return engine.Engine(TINY, engine.EngineConfig(spec=spec, **ec))
+  return engine.shared(TINY, engine.EngineConfig(spec=spec, **ec))
 
 
 @pytest.mark.slow
@@ -197,7 +222,7 @@ def _engine(**ec):
 def test_identity_pathway_reproduces_base_scores_in_every_format(fmt, per_choice):
   """Kernel regression with alpha = 1 (the identity pathway) == base, per choice."""
   params = _model()
-  eng = engine.Engine(
+  eng = engine.shared(
     TINY,
     engine.EngineConfig(
       spec=pw_lib.PathwaySpec.make(L, E, 'last:2', 6), method=methods.MethodConfig(kr_alpha=1.0)
@@ -208,19 +233,22 @@ def test_identity_pathway_reproduces_base_scores_in_every_format(fmt, per_choice
   base = eng.analyze(params, test)
   if per_choice:  # the contexts do route differently: the check can fail
     assert float(jnp.max(jnp.abs(base.seq_router_probs[:, 1] - base.seq_router_probs[:, 0]))) > 1e-3
-  cs = eng.core_slices(base.router_probs)
+  cs = _core_slices(eng, base.router_probs)
   nb = jax.tree.map(lambda x: x[:, None], test)  # any neighbours: alpha = 1 ignores them
-  w_nb = eng.neighbour_weights(cs, base.router_probs[:, None])
+  w_nb = _neighbour_weights(eng, cs, base.router_probs[:, None])
   out = eng.kernel_regression(params, cs, eng.prepare(params, nb), jnp.ones((4, 1)), w_nb)
   same = eng.analyze_remixed(params, test, cs, out.trace.w, base.seq_router_probs)
   np.testing.assert_allclose(same.scores, base.scores, atol=1e-5, rtol=0)
   assert float(jnp.max(out.topk_new)) == 0.0 and float(jnp.max(out.mean_abs_delta)) == 0.0
   # Sequence 0's rows for every choice (the old behaviour) do shift the scores.
   if per_choice:
-    rows = jax.vmap(lambda c: pw_lib.pathway_rows(pw_lib.base_weights(c), c))(cs)
+    rows = _sequence0_rows(cs)
     pathway = {layer: rows[:, i] for i, layer in enumerate(eng.ec.spec.layers)}
-    old = scoring.analyze(params, test, config=TINY, pathway=pathway)
+    old = _analyze(params, test, config=TINY, pathway=pathway)
     assert float(jnp.max(jnp.abs(old.scores[:, 1:] - base.scores[:, 1:]))) > 1e-3
+
+
+_sequence0_rows = jax.jit(jax.vmap(lambda c: pw_lib.pathway_rows(pw_lib.base_weights(c), c)))
 
 
 @pytest.mark.slow
@@ -318,22 +346,23 @@ def test_token_position_moves_the_pathway_site(position):
   n_ctx = np.asarray(last.ctx_last) + 1
   want_site = np.zeros_like(n_ctx) if position == 'first' else (n_ctx - 1) // 2
   np.testing.assert_array_equal(batch.site, want_site)
-  an = scoring.analyze(params, batch, config=TINY)
-  plain = transformer.forward(
-    params, batch.tokens[:, 0], config=TINY, attention_mask=batch.mask[:, 0]
-  )
+  an = _analyze(params, batch, config=TINY)
+  plain = _forward(params, batch.tokens[:, 0], config=TINY, attention_mask=batch.mask[:, 0])
   site0 = np.asarray(batch.site[:, 0])
   want = np.swapaxes(np.asarray(plain.router_probs), 0, 1)[np.arange(3), :, site0]  # [B, L, E]
   np.testing.assert_allclose(an.router_probs, want, atol=1e-6)
   # A pathway at the site changes the scores; at identity they stay.
-  eng = engine.Engine(TINY, engine.EngineConfig(spec=pw_lib.PathwaySpec.make(L, E, 'last:2', 6)))
-  cs = eng.core_slices(an.router_probs)
-  w0 = jax.vmap(pw_lib.base_weights)(cs)
+  eng = engine.shared(TINY, engine.EngineConfig(spec=pw_lib.PathwaySpec.make(L, E, 'last:2', 6)))
+  cs = _core_slices(eng, an.router_probs)
+  w0 = _base_weights(cs)
   same = eng.analyze_remixed(params, batch, cs, w0, an.seq_router_probs)
   np.testing.assert_allclose(same.scores, an.scores, atol=1e-5)
-  flipped = jax.vmap(lambda w, c: pw_lib.project_simplex(w[:, ::-1], c.mass))(w0, cs)
+  flipped = _flipped(w0, cs)
   moved = eng.analyze_remixed(params, batch, cs, flipped, an.seq_router_probs)
   assert float(jnp.max(jnp.abs(moved.scores - an.scores))) > 1e-3
+
+
+_flipped = jax.jit(jax.vmap(lambda w, c: pw_lib.project_simplex(w[:, ::-1], c.mass)))
 
 
 def test_diagnostics_summary_from_rows():

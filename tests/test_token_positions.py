@@ -6,6 +6,8 @@ So the base pathway given back reproduces the base model on every format
 and every setting, and a changed pathway moves all U tokens.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,42 @@ SETTINGS = [(p, c) for p in ('last', 'first', 'middle') for c in (1, 3)]
 @pytest.fixture(scope='module')
 def model():
   return checkpoints.loud_experts(transformer.init_params(TINY, jax.random.PRNGKey(0)))
+
+
+# Setup and reference computations run under `jax.jit`: run op by op, JAX compiles
+# one program per primitive and shape (hundreds per test). Static settings are
+# bound, params and data are arguments (not compile-time constants).
+_base_weights = jax.jit(jax.vmap(pw_lib.base_weights))
+_normalize_pathway = jax.jit(routing.normalize_pathway)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _core_slices(eng, base_probs):
+  return eng.core_slices(base_probs)
+
+
+@jax.jit
+def _changed_rows(cs, seq_probs):
+  """A changed pathway w [Q, C, Kc], its rows at the 3 tokens, and their change on the core.
+
+  -> (w, rows [Q, S, U, C, E], delta: the rows' change on the core [Q, S, U, C, Kc],
+  want: w's change [Q, 1, 1, C, Kc], kept: where the change leaves a core row positive).
+  """
+  w0 = jax.vmap(pw_lib.base_weights)(cs)
+  w = jax.vmap(pw_lib.project_simplex)(w0 + 0.05 * jnp.arange(6.0) / 6, cs.mass)
+  anchors = jnp.take(seq_probs, jnp.asarray(SPEC.layers), axis=-2)  # [Q,S,U,C,E]
+  rows = jax.vmap(lambda wi, ci, ai: pw_lib.pathway_rows(wi, ci, 'topk', ai))(w, cs, anchors)
+  delta = jnp.take_along_axis(rows - anchors, cs.core[:, None, None], axis=-1)  # [Q,S,U,C,Kc]
+  want = (w - w0)[:, None, None]
+  kept = jnp.take_along_axis(anchors, cs.core[:, None, None], axis=-1) + want > 0
+  return w, rows, delta, want, kept
+
+
+@jax.jit
+def _analyze_with_rows(params, batch, rows):
+  """`scoring.analyze` with rows [Q, S, U, C, E] as the pathway of the critical layers."""
+  flat = {layer: rows[..., i, :] for i, layer in enumerate(SPEC.layers)}  # [Q, S, U, E]
+  return scoring.analyze(params, batch, config=TINY, pathway=flat)
 
 
 def _prompts(fmt, seed=0):
@@ -72,13 +110,13 @@ def test_place_rows_puts_each_row_at_its_token():
 @pytest.mark.parametrize('mode', ['topk', 'dense'])
 def test_base_pathway_given_back_is_the_base_model(model, fmt, position, count, mode):
   """Every format and setting: the identity pathway (base weights, own anchors) == base."""
-  eng = engine.Engine(TINY, engine.EngineConfig(spec=SPEC, eval_pathway_mode=mode))
+  eng = engine.shared(TINY, engine.EngineConfig(spec=SPEC, eval_pathway_mode=mode))
   batch = scoring.make_batch(_prompts(fmt), num_choices=3, position=position, count=count)
   base = eng.analyze(model, batch)
   shape = base.seq_router_probs.shape
   assert shape[2:] == ((count,) if count > 1 else ()) + (TINY.num_hidden_layers, TINY.num_experts)
-  cs = eng.core_slices(base.router_probs)
-  w0 = jax.vmap(pw_lib.base_weights)(cs)
+  cs = _core_slices(eng, base.router_probs)
+  w0 = _base_weights(cs)
   got = eng.analyze_remixed(model, batch, cs, w0, base.seq_router_probs)
   if mode == 'topk':  # exactly the base model's routing
     np.testing.assert_allclose(got.scores, base.scores, atol=2e-5, rtol=1e-5)
@@ -90,38 +128,30 @@ def test_base_pathway_given_back_is_the_base_model(model, fmt, position, count, 
 @pytest.mark.parametrize('fmt', ['mc', 'rc'])
 def test_three_tokens_share_the_change(model, fmt):
   """A changed pathway moves every one of the 3 tokens' routing by the same core change."""
-  eng = engine.Engine(TINY, engine.EngineConfig(spec=SPEC))
+  eng = engine.shared(TINY, engine.EngineConfig(spec=SPEC))
   batch = scoring.make_batch(_prompts(fmt), num_choices=3, position='last', count=3)
   base = eng.analyze(model, batch)
-  cs = eng.core_slices(base.router_probs)
-  w0 = jax.vmap(pw_lib.base_weights)(cs)
-  w = jax.vmap(pw_lib.project_simplex)(w0 + 0.05 * jnp.arange(6.0) / 6, cs.mass)
-  anchors = jnp.take(base.seq_router_probs, jnp.asarray(SPEC.layers), axis=-2)  # [Q,S,U,C,E]
-  rows = jax.vmap(lambda wi, ci, ai: pw_lib.pathway_rows(wi, ci, 'topk', ai))(w, cs, anchors)
-  delta = jnp.take_along_axis(rows - anchors, cs.core[:, None, None], axis=-1)  # [Q,S,U,C,Kc]
-  want = (w - w0)[:, None, None]
-  kept = jnp.take_along_axis(anchors, cs.core[:, None, None], axis=-1) + want > 0
+  cs = _core_slices(eng, base.router_probs)
+  w, rows, delta, want, kept = _changed_rows(cs, base.seq_router_probs)
   np.testing.assert_allclose(jnp.where(kept, delta, 0), jnp.where(kept, want, 0), atol=1e-6)
   moved = eng.analyze_remixed(model, batch, cs, w, base.seq_router_probs)
   assert not np.allclose(moved.scores, base.scores, atol=1e-4)
   # The pathway enters at all three tokens: the routing the pass reports there is the rows'.
-  flat = {layer: rows[..., i, :] for i, layer in enumerate(SPEC.layers)}  # [Q, S, U, E]
-  an = scoring.analyze(model, batch, config=TINY, pathway=flat)
+  an = _analyze_with_rows(model, batch, rows)
   for i, layer in enumerate(SPEC.layers):
     used = an.seq_router_probs[..., layer, :]  # [Q, S, U, E]
-    np.testing.assert_allclose(used, routing.normalize_pathway(rows[..., i, :]), atol=1e-6)
+    np.testing.assert_allclose(used, _normalize_pathway(rows[..., i, :]), atol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('benchmark,fmt', [('arc_challenge', 'mc'), ('winogrande', 'rc')])
-def test_three_token_run_end_to_end(tmp_path, benchmark, fmt):
+def test_three_token_run_end_to_end(tiny_checkpoint, tmp_path, benchmark, fmt):
   """--token_count=3 through the pipeline: identity == base per choice, NGD and oracle run."""
   from c3po_jax.run import pipeline, results
   from c3po_jax.run.config import RunConfig
-  from c3po_jax.testing.checkpoints import make_checkpoint
 
   rc = RunConfig.make(
-    checkpoint_dir=make_checkpoint(tmp_path / 'tiny'),
+    checkpoint_dir=tiny_checkpoint,
     benchmark=benchmark,
     reference=('openbookqa',),
     methods=('base', 'kernel_regression', 'ngd', 'oracle'),

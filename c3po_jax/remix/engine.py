@@ -81,12 +81,16 @@ class Engine:
     self.prefix_tuning = jax.jit(functools.partial(self._baseline, 'prefix_tuning'))
     self.train_prompt = jax.jit(self._train_prompt, static_argnums=0)
     self.prompted = jax.jit(self._prompted, static_argnums=0)
+    self.core_slices = jax.jit(self._core_slices)
+    self.neighbour_weights = jax.jit(self._neighbour_weights)
+    # A prefix state padded or cut to (num_tokens, window), for `state_cache.StateCache`.
+    self.fit = jax.jit(losses.fit, static_argnums=(1, 2))
 
-  def core_slices(self, base_probs):
+  def _core_slices(self, base_probs):
     """[Q, L, E] base routing -> batched CoreSlice."""
     return _core_slices(base_probs, self.ec.spec)
 
-  def neighbour_weights(self, cs, ref_probs):
+  def _neighbour_weights(self, cs, ref_probs):
     """Neighbours' routing [Q, N, L, E] on each sample's core -> [Q, N, C, Kc]."""
     layers = self.ec.spec.layers
     per = lambda core, probs: jax.vmap(lambda p: pw_lib.core_weights(p, core, layers))(probs)
@@ -260,3 +264,15 @@ class Engine:
   def _prompted(self, kind, params, prompt, tests):
     """Scores [Q, C] of a test batch [Q, ...] with a trained prompt (`baselines.prompted`)."""
     return baselines.prompted(kind, params, self.config, prompt, tests)
+
+
+@functools.lru_cache(maxsize=16)
+def shared(config: MoeConfig, ec: EngineConfig, loss_backend=losses.PrefixLoss) -> Engine:
+  """The Engine of these settings, one per process: its compiled programs are reused.
+
+  An Engine is a pure function of (config, ec, loss_backend), all frozen and
+  hashable; runs in one process with equal settings (the benchmarks of an
+  ablation grid, repeated `c3po_jax.run` calls in a notebook) trace and
+  compile each program once instead of once per run.
+  """
+  return Engine(config, ec, loss_backend)

@@ -96,7 +96,7 @@ def make_engine(rc: RunConfig, config) -> engine.Engine:
     eval_pathway_mode=m.eval_pathway_mode,
     baseline=bc,
   )
-  return engine.Engine(config, ec, loss_backend=losses.BACKENDS[backend_name(rc)])
+  return engine.shared(config, ec, losses.BACKENDS[backend_name(rc)])
 
 
 def make_store(rc: RunConfig, eng: engine.Engine, params) -> StateCache | None:
@@ -119,7 +119,7 @@ def make_store(rc: RunConfig, eng: engine.Engine, params) -> StateCache | None:
   )
   return StateCache(
     eng.prepare,
-    eng.loss_backend.fit,
+    eng.fit,
     max(device, 1),
     host_bytes=host,
     spill_dir=x.prefix_spill_dir and os.path.expanduser(x.prefix_spill_dir),
