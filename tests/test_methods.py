@@ -46,11 +46,6 @@ def model():
 _base_weights = jax.jit(jax.vmap(pw_lib.base_weights))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _core_slices(eng, base_probs):
-  return eng.core_slices(base_probs)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _naive_losses(ec, mode, params, w, cs, nb, weights):
   """The naive backend's loss in `mode` of Q samples [Q, ...] at core weights w [Q, C, Kc]."""
@@ -78,7 +73,7 @@ def _problem(model, eng, q=3, k=3, fmt='mc', seed=0):
   nb = scoring.make_batch(_prompts(rng, q * k, fmt), num_choices=3)
   nb = jax.tree.map(lambda x: x.reshape((q, k) + x.shape[1:]), nb)
   base = eng.analyze(model, test)
-  cs = _core_slices(eng, base.router_probs)
+  cs = eng.core_slices(base.router_probs)
   w = jnp.asarray(rng.uniform(0.1, 1.0, (q, k)), jnp.float32)
   return test, nb, cs, w
 

@@ -120,16 +120,6 @@ _analyze = jax.jit(scoring.analyze, static_argnames=('config', 'pathway_mode'))
 _base_weights = jax.jit(jax.vmap(pw_lib.base_weights))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _core_slices(eng, base_probs):
-  return eng.core_slices(base_probs)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _neighbour_weights(eng, cs, ref_probs):
-  return eng.neighbour_weights(cs, ref_probs)
-
-
 @pytest.mark.slow
 def test_dense_mode_mixes_exactly_the_given_core():
   params = _model()
@@ -233,9 +223,9 @@ def test_identity_pathway_reproduces_base_scores_in_every_format(fmt, per_choice
   base = eng.analyze(params, test)
   if per_choice:  # the contexts do route differently: the check can fail
     assert float(jnp.max(jnp.abs(base.seq_router_probs[:, 1] - base.seq_router_probs[:, 0]))) > 1e-3
-  cs = _core_slices(eng, base.router_probs)
+  cs = eng.core_slices(base.router_probs)
   nb = jax.tree.map(lambda x: x[:, None], test)  # any neighbours: alpha = 1 ignores them
-  w_nb = _neighbour_weights(eng, cs, base.router_probs[:, None])
+  w_nb = eng.neighbour_weights(cs, base.router_probs[:, None])
   out = eng.kernel_regression(params, cs, eng.prepare(params, nb), jnp.ones((4, 1)), w_nb)
   same = eng.analyze_remixed(params, test, cs, out.trace.w, base.seq_router_probs)
   np.testing.assert_allclose(same.scores, base.scores, atol=1e-5, rtol=0)
@@ -353,7 +343,7 @@ def test_token_position_moves_the_pathway_site(position):
   np.testing.assert_allclose(an.router_probs, want, atol=1e-6)
   # A pathway at the site changes the scores; at identity they stay.
   eng = engine.shared(TINY, engine.EngineConfig(spec=pw_lib.PathwaySpec.make(L, E, 'last:2', 6)))
-  cs = _core_slices(eng, an.router_probs)
+  cs = eng.core_slices(an.router_probs)
   w0 = _base_weights(cs)
   same = eng.analyze_remixed(params, batch, cs, w0, an.seq_router_probs)
   np.testing.assert_allclose(same.scores, an.scores, atol=1e-5)

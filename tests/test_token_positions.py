@@ -6,7 +6,6 @@ So the base pathway given back reproduces the base model on every format
 and every setting, and a changed pathway moves all U tokens.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +33,6 @@ def model():
 # bound, params and data are arguments (not compile-time constants).
 _base_weights = jax.jit(jax.vmap(pw_lib.base_weights))
 _normalize_pathway = jax.jit(routing.normalize_pathway)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _core_slices(eng, base_probs):
-  return eng.core_slices(base_probs)
 
 
 @jax.jit
@@ -115,7 +109,7 @@ def test_base_pathway_given_back_is_the_base_model(model, fmt, position, count, 
   base = eng.analyze(model, batch)
   shape = base.seq_router_probs.shape
   assert shape[2:] == ((count,) if count > 1 else ()) + (TINY.num_hidden_layers, TINY.num_experts)
-  cs = _core_slices(eng, base.router_probs)
+  cs = eng.core_slices(base.router_probs)
   w0 = _base_weights(cs)
   got = eng.analyze_remixed(model, batch, cs, w0, base.seq_router_probs)
   if mode == 'topk':  # exactly the base model's routing
@@ -131,7 +125,7 @@ def test_three_tokens_share_the_change(model, fmt):
   eng = engine.shared(TINY, engine.EngineConfig(spec=SPEC))
   batch = scoring.make_batch(_prompts(fmt), num_choices=3, position='last', count=3)
   base = eng.analyze(model, batch)
-  cs = _core_slices(eng, base.router_probs)
+  cs = eng.core_slices(base.router_probs)
   w, rows, delta, want, kept = _changed_rows(cs, base.seq_router_probs)
   np.testing.assert_allclose(jnp.where(kept, delta, 0), jnp.where(kept, want, 0), atol=1e-6)
   moved = eng.analyze_remixed(model, batch, cs, w, base.seq_router_probs)
