@@ -6,7 +6,6 @@ So the base pathway given back reproduces the base model on every format
 and every setting, and a changed pathway moves all U tokens.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
