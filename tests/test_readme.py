@@ -10,6 +10,8 @@ import re
 
 import pytest
 
+from c3po_jax.run import plots
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, 'checkpoints', 'demo')
 
@@ -47,6 +49,15 @@ def test_readme_python_block_runs_on_the_demo(index, tmp_path, monkeypatch):
   os.symlink(os.path.join(ROOT, 'checkpoints'), tmp_path / 'checkpoints')
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv('HOME', str(tmp_path))  # the default --cache_dir is under ~
+  drawn = []  # (figure, output dir, title) of every accuracy / NGD-steps figure
+  for figure in ('accuracy', 'ngd_steps'):
+    draw = getattr(plots, figure)
+
+    def record(*args, _draw=draw, _figure=figure, **kw):
+      drawn.append((_figure, os.path.relpath(args[1]), args[-1]))
+      return _draw(*args, **kw)
+
+    monkeypatch.setattr(plots, figure, record)
   namespace = {}
   exec(compile(BLOCKS[index], f'README.md python block {index}', 'exec'), namespace)
   if 'suite' in namespace:
@@ -54,6 +65,14 @@ def test_readme_python_block_runs_on_the_demo(index, tmp_path, monkeypatch):
     assert set(suite.pooled) == {'base', 'ngd'} and set(suite.benchmarks) >= {'max'}
     assert suite.config.data.fmt == 'rc' and suite.config.model.checkpoint_dir.endswith('demo')
     assert (tmp_path / 'runs' / 'api_suite' / 'summary.json').exists()
+    # Each figure drawn once per benchmark, titled with the suite's name for it
+    # (not its test file's path), and once pooled.
+    for name in suite.benchmarks:
+      mine = [(f, t) for f, d, t in drawn if d == os.path.join('runs', 'api_suite', name)]
+      assert sorted(f for f, _ in mine) == ['accuracy', 'ngd_steps'], (name, drawn)
+      assert all(t.startswith(f'{name} (') for _, t in mine), mine
+    pooled = [t for f, d, t in drawn if d == os.path.join('runs', 'api_suite')]
+    assert len(pooled) == 2 and all('benchmarks pooled' in t for t in pooled)
   if 'result' in namespace:
     result = namespace['result']
     assert len(result.predictions('ngd')) == 10

@@ -42,7 +42,10 @@ def open_runner(rc: RunConfig) -> Runner:
 
 
 def run(
-  rc: RunConfig, runner: Runner | None = None, inputs: preflight.Inputs | None = None
+  rc: RunConfig,
+  runner: Runner | None = None,
+  inputs: preflight.Inputs | None = None,
+  name: str | None = None,
 ) -> dict:
   """Runs every method in rc.methods; writes results, summary and plots.
 
@@ -53,6 +56,8 @@ def run(
   model, engine and settings; see `suite`); by default one is opened.
   inputs: rc's data as `preflight.inputs` loaded and checked it (a suite checks
   every benchmark before the first runs); by default loaded here.
+  name: what the figures call the benchmark (a suite's name for it); by
+  default rc.data.benchmark.
   """
   started = time.time()
   start_processes(rc)
@@ -104,10 +109,11 @@ def run(
   results.write_summary(rc.execution.output_dir, summary, extra)
   extra['chance_accuracy'] = results.chance(rows)
   print(results.format_table(summary, rc.data.benchmark, extra['chance_accuracy']))
+  scope = plots.scope(summary, name or rc.data.benchmark)
   if diag:
     print(diagnostics.format_table(diag))
-    plots.ngd_steps(diag, rc.execution.output_dir, summary, plots.scope(summary, rc.data.benchmark))
-  plots.accuracy(summary, rc.execution.output_dir, rc.data.benchmark)
+    plots.ngd_steps(diag, rc.execution.output_dir, summary, scope)
+  plots.accuracy(summary, rc.execution.output_dir, scope)
   plot_rows = [r for r in rows if r['method'] == 'ngd'] or [r for r in rows if r.get('pathway')]
   plots.routing_heatmaps(plot_rows, rc.execution.output_dir, rc.execution.num_plots)
   return summary

@@ -148,15 +148,11 @@ def run_suite(rc: RunConfig, suite_dir: str, split: str = 'test') -> dict:
       # One runner for the suite: its prefix-state keys carry the choice count,
       # so benchmarks sharing a reference source never mix padded widths.
       runner = runner or pipeline.open_runner(sub)
-      per_benchmark[name] = pipeline.run(sub, runner, inputs.pop(name))
+      # Its figures are titled with the suite's name of the benchmark.
+      per_benchmark[name] = pipeline.run(sub, runner, inputs.pop(name), name)
     if jax.process_index() != 0:
       continue  # only process 0 holds the merged results (multi-process runs)
     rows = results.read_rows(os.path.join(sub.execution.output_dir, results.RESULTS_FILE))
-    if finished is None:  # its figures titled with the suite's name of the benchmark
-      scope = plots.scope(per_benchmark[name], name)
-      plots.accuracy(per_benchmark[name], sub.execution.output_dir, scope)
-      diag = diagnostics.summarize(rows)
-      plots.ngd_steps(diag, sub.execution.output_dir, per_benchmark[name], scope)
     all_rows += [{**r, 'id': f'{name}/{r["id"]}'} for r in rows]
   if jax.process_index() != 0:
     return {'benchmarks': per_benchmark, 'pooled': {}}
