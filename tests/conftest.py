@@ -106,6 +106,21 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope='session')
+def xla_default_options() -> dict:
+  """XLA's own values of the flags `_FAST_COMPILE` sets, as `jax.jit` compiler_options.
+
+  For the rare program that runs far longer than it compiles (scoring a whole
+  dev set): jitted with these, it is compiled as users' runs compile it.
+  """
+  return {
+    'xla_backend_optimization_level': 3,
+    'xla_llvm_disable_expensive_passes': False,
+    'xla_cpu_use_fusion_emitters': True,
+    'xla_cpu_parallel_codegen_split_count': 32,
+  }
+
+
+@pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory) -> str:
   """A tiny random OLMoE checkpoint for the real OLMoE tokenizer (seed 0), shared read-only."""
   from c3po_jax.testing.checkpoints import make_checkpoint
