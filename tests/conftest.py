@@ -33,11 +33,16 @@ if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
 # each program's code as one LLVM module rather than 32 parts for a thread pool
 # the busy workers cannot use (about 15% less compile time for a large
 # program). Floating-point semantics are the same (no fast-math either way):
-# the parity tests hold at their tolerances. Set XLA_FLAGS with an optimization level of your own to keep yours.
-_FAST_COMPILE = (
-  '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-  ' --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1'
-)
+# the parity tests hold at their tolerances. Set XLA_FLAGS with an optimization
+# level of your own to keep yours.
+# flag: (the suite's value, XLA's default)
+_COMPILE_FLAGS = {
+  'xla_backend_optimization_level': (0, 3),
+  'xla_llvm_disable_expensive_passes': (True, False),
+  'xla_cpu_use_fusion_emitters': (False, True),
+  'xla_cpu_parallel_codegen_split_count': (1, 32),
+}
+_FAST_COMPILE = ' '.join(f'--{k}={str(v).lower()}' for k, (v, _) in _COMPILE_FLAGS.items())
 if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAST_COMPILE}'.strip()
 # Cache every program, however quick to compile or small.
@@ -96,8 +101,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   """Slowest files first (SLOWEST_FILES); a file's tests keep their order."""
   rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
-  position = {id(item): i for i, item in enumerate(items)}
-  items.sort(key=lambda it: (rank.get(it.path.name, len(rank)), position[id(it)]))
+  items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # a stable sort
 
 
 def pytest_unconfigure(config):
@@ -112,12 +116,7 @@ def xla_default_options() -> dict:
   For the rare program that runs far longer than it compiles (scoring a whole
   dev set): jitted with these, it is compiled as users' runs compile it.
   """
-  return {
-    'xla_backend_optimization_level': 3,
-    'xla_llvm_disable_expensive_passes': False,
-    'xla_cpu_use_fusion_emitters': True,
-    'xla_cpu_parallel_codegen_split_count': 32,
-  }
+  return {flag: default for flag, (_, default) in _COMPILE_FLAGS.items()}
 
 
 @pytest.fixture(scope='session')
